@@ -1,0 +1,3 @@
+from alb_proxy.cli import main
+
+raise SystemExit(main())
