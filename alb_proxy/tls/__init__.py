@@ -1,0 +1,1 @@
+"""TLS: ClientHello parsing, security policies, SSL contexts and the MemoryBIO TLS server."""
