@@ -1,0 +1,1 @@
+"""Backends: server groups, schedulers, health checks, connection pool, backend client."""
