@@ -1,0 +1,148 @@
+"""HTTP and HTTPS listeners: accept TCP connections and run one HTTP session on each.
+
+Every accepted connection takes the listener's plan current at accept time (certificate
+contexts, route) and keeps it for its whole life, so a runtime change affects new connections
+only. The plan is replaced by assigning ``listener.plan``; nothing in a plan is mutated.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from alb_proxy.http.h1 import ConnectionControl, H1Session, RouteSettings
+from alb_proxy.observability.log import event
+from alb_proxy.observability.metrics import Metrics
+from alb_proxy.tls.connection import HandshakeFailure, TlsServerProtocol
+from alb_proxy.tls.contexts import ListenerTls
+
+_STREAM_LIMIT = 256 * 1024
+_Session = tuple[ConnectionControl, asyncio.StreamWriter]
+
+
+@dataclass(frozen=True)
+class ListenerPlan:
+    """Everything one listener serves with, built by the control plane as part of a snapshot."""
+
+    name: str
+    protocol: str
+    bind: str
+    port: int
+    route: RouteSettings
+    tls: ListenerTls | None = None
+    handshake_timeout: float = 10.0
+
+
+class TcpListener:
+    def __init__(self, plan: ListenerPlan, metrics: Metrics) -> None:
+        self.plan = plan
+        self.metrics = metrics
+        self._server: asyncio.Server | None = None
+        self._sessions: dict[asyncio.Task[None], _Session] = {}
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def bound_port(self) -> int:
+        assert self._server is not None and self._server.sockets
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def start(self, port_override: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        port = self.plan.port if port_override is None else port_override
+        self._server = await loop.create_server(
+            self._accept,
+            host=self.plan.bind,
+            port=port,
+            family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
+            reuse_address=True,
+            backlog=1024,
+        )
+        event(logging.INFO, "listening", listener=self.name, protocol=self.plan.protocol,
+              address=f"{self.plan.bind}:{self.bound_port}")
+
+    def _accept(self) -> asyncio.Protocol:
+        plan = self.plan  # the snapshot this connection keeps for its life
+        control = ConnectionControl()
+        self.metrics.connections_total.labels(plan.name).inc()
+
+        def register(writer: asyncio.StreamWriter) -> None:
+            task = asyncio.current_task()
+            assert task is not None
+            self._sessions[task] = (control, writer)
+            task.add_done_callback(self._forget)
+
+        app = _SessionProtocol(plan, control, self.metrics, register)
+        if plan.tls is None:
+            return app
+        tls = plan.tls
+        return TlsServerProtocol(
+            select_context=tls.select,
+            app_factory=lambda: app,
+            on_failure=lambda failure: self._handshake_failed(plan, failure),
+            handshake_timeout=plan.handshake_timeout,
+        )
+
+    def _handshake_failed(self, plan: ListenerPlan, failure: HandshakeFailure) -> None:
+        self.metrics.handshake_failures_total.labels(plan.name, failure.reason).inc()
+        event(logging.INFO, "tls handshake failed", listener=plan.name, client=failure.peer,
+              sni=failure.server_name, reason=failure.reason, detail=failure.detail)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        self._sessions.pop(task, None)
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (bounded), then close what remains."""
+        if self._server is not None:
+            self._server.close()
+        for control, writer in self._sessions.values():
+            control.draining = True
+            if not control.busy:
+                writer.close()  # idle keep-alive connection: nothing to finish
+        tasks = list(self._sessions)
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=1.0)
+
+
+class _SessionProtocol(asyncio.StreamReaderProtocol):
+    """Runs an :class:`H1Session` once the (TLS) connection is established."""
+
+    def __init__(
+        self,
+        plan: ListenerPlan,
+        control: ConnectionControl,
+        metrics: Metrics,
+        register: Callable[[asyncio.StreamWriter], None],
+    ) -> None:
+        self._plan = plan
+        self._control = control
+        self._metrics = metrics
+        self._register = register
+        super().__init__(asyncio.StreamReader(limit=_STREAM_LIMIT), self._serve)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        plan = self._plan
+        self._register(writer)
+        sslobj = writer.get_extra_info("ssl_object")
+        if sslobj is not None:
+            self._metrics.handshakes_total.labels(plan.name, sslobj.version() or "-").inc()
+        active = self._metrics.connections_active.labels(plan.name)
+        active.inc()
+        session = H1Session(reader, writer, plan.route, self._control)
+        try:
+            await session.run()
+        except Exception as exc:  # one broken connection must never take the listener down
+            event(logging.ERROR, "connection error", listener=plan.name, error=repr(exc))
+            writer.transport.abort()
+        finally:
+            active.dec()

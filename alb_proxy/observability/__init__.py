@@ -1,0 +1,1 @@
+"""Metrics and logging: the lowest layer, importable from everywhere."""

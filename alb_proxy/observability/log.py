@@ -1,0 +1,39 @@
+"""One log line per event, ``key=value`` after a short message, on stderr.
+
+Values that may hold spaces are quoted. Private keys never reach this module: certificate
+objects are logged by id and fingerprint only.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+logger = logging.getLogger("alb_proxy")
+
+
+def setup_logging(level: str = "INFO") -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%dT%H:%M:%S%z")
+    )
+    root = logging.getLogger("alb_proxy")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+
+
+def fields(**values: object) -> str:
+    """Render ``key=value`` pairs, quoting values with spaces or quotes."""
+    parts = []
+    for key, value in values.items():
+        text = "-" if value is None else str(value)
+        if not text or any(c in text for c in ' "='):
+            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
+
+
+def event(level: int, message: str, **values: object) -> None:
+    if logger.isEnabledFor(level):
+        logger.log(level, "%s %s", message, fields(**values))

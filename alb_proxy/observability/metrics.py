@@ -1,0 +1,47 @@
+"""Prometheus metrics of one daemon, in a registry of its own (tests run several daemons)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    """Every metric the data plane updates. Label values are bounded sets (names, reasons)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.connections_total = Counter(
+            "alb_connections", "Client connections accepted.", ["listener"], registry=r
+        )
+        self.connections_active = Gauge(
+            "alb_connections_active", "Client connections open now.", ["listener"], registry=r
+        )
+        self.handshakes_total = Counter(
+            "alb_tls_handshakes", "Completed TLS handshakes.", ["listener", "version"], registry=r
+        )
+        self.handshake_failures_total = Counter(
+            "alb_tls_handshake_failures",
+            "Failed TLS handshakes by reason.",
+            ["listener", "reason"],
+            registry=r,
+        )
+        self.requests_total = Counter(
+            "alb_http_requests", "Requests answered, by status class.", ["listener", "code"],
+            registry=r,
+        )
+        self.upstream_errors_total = Counter(
+            "alb_upstream_errors",
+            "Requests a backend could not serve, by kind (connect, timeout, protocol).",
+            ["server_group", "kind"],
+            registry=r,
+        )
+        self.upstream_latency = Histogram(
+            "alb_upstream_response_seconds",
+            "Time from sending a request to a backend to its response head.",
+            ["server_group"],
+            registry=r,
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
