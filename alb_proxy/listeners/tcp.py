@@ -64,8 +64,13 @@ class TcpListener:
             reuse_address=True,
             backlog=1024,
         )
-        event(logging.INFO, "listening", listener=self.name, protocol=self.plan.protocol,
-              address=f"{self.plan.bind}:{self.bound_port}")
+        event(
+            logging.INFO,
+            "listening",
+            listener=self.name,
+            protocol=self.plan.protocol,
+            address=f"{self.plan.bind}:{self.bound_port}",
+        )
 
     def _accept(self) -> asyncio.Protocol:
         plan = self.plan  # the snapshot this connection keeps for its life
@@ -91,8 +96,15 @@ class TcpListener:
 
     def _handshake_failed(self, plan: ListenerPlan, failure: HandshakeFailure) -> None:
         self.metrics.handshake_failures_total.labels(plan.name, failure.reason).inc()
-        event(logging.INFO, "tls handshake failed", listener=plan.name, client=failure.peer,
-              sni=failure.server_name, reason=failure.reason, detail=failure.detail)
+        event(
+            logging.INFO,
+            "tls handshake failed",
+            listener=plan.name,
+            client=failure.peer,
+            sni=failure.server_name,
+            reason=failure.reason,
+            detail=failure.detail,
+        )
 
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._sessions.pop(task, None)

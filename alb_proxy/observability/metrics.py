@@ -27,7 +27,9 @@ class Metrics:
             registry=r,
         )
         self.requests_total = Counter(
-            "alb_http_requests", "Requests answered, by status class.", ["listener", "code"],
+            "alb_http_requests",
+            "Requests answered, by status class.",
+            ["listener", "code"],
             registry=r,
         )
         self.upstream_errors_total = Counter(
