@@ -1,0 +1,119 @@
+"""Command line: ``alb-proxy run``, ``alb-proxy certs dev``, ``alb-proxy demo-backend``.
+
+Exit codes: 0 done, 1 runtime failure (e.g. a port already in use), 2 refused input (a config
+or certificate problem, printed one per line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from alb_proxy import __version__
+from alb_proxy.errors import AlbError, ConfigError
+
+DEFAULT_CONFIG = Path("configs/example.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not hasattr(args, "handler"):
+        parser.print_help()
+        return 2
+    result: int = args.handler(args)
+    return result
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="alb-proxy", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"alb-proxy {__version__}")
+    commands = parser.add_subparsers(metavar="COMMAND")
+
+    run = commands.add_parser("run", help="run the proxy daemon")
+    run.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_CONFIG,
+        help=f"YAML config file (default {DEFAULT_CONFIG})",
+    )
+    run.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING"])
+    run.add_argument(
+        "--ephemeral-ports",
+        action="store_true",
+        help="bind listeners and the admin API to ports the OS picks",
+    )
+    run.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="FD",
+        help="write the bound ports as one JSON line to FD once serving",
+    )
+    run.add_argument(
+        "--check", action="store_true", help="validate the config and certificates, then exit"
+    )
+    run.set_defaults(handler=_run)
+
+    certs = commands.add_parser("certs", help="certificates").add_subparsers(metavar="ACTION")
+    dev = certs.add_parser("dev", help="write a local CA and the example config's certificates")
+    dev.add_argument("--out", type=Path, default=Path("certs"))
+    dev.set_defaults(handler=_certs_dev)
+
+    demo = commands.add_parser("demo-backend", help="run an HTTP echo server to forward to")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--port", type=int, default=8081)
+    demo.set_defaults(handler=_demo_backend)
+    return parser
+
+
+def _run(args: argparse.Namespace) -> int:
+    from alb_proxy.config.load import load_config
+    from alb_proxy.daemon import Daemon, RunOptions
+    from alb_proxy.observability.log import setup_logging
+
+    setup_logging(args.log_level)
+    try:
+        config = load_config(args.config)
+        daemon = Daemon(
+            config,
+            args.config,
+            RunOptions(
+                ephemeral_ports=args.ephemeral_ports,
+                ready_fd=args.ready_fd,
+            ),
+        )
+    except ConfigError as exc:
+        print(f"alb-proxy: {args.config}: refused:", file=sys.stderr)
+        for problem in exc.problems:
+            print(f"  {problem}", file=sys.stderr)
+        return 2
+    except AlbError as exc:
+        print(f"alb-proxy: {args.config}: refused: {exc}", file=sys.stderr)
+        return 2
+    if args.check:
+        print(f"{args.config}: ok")
+        return 0
+    import uvloop
+
+    try:
+        return uvloop.run(daemon.run())
+    except OSError as exc:
+        print(f"alb-proxy: cannot serve: {exc}", file=sys.stderr)
+        return 1
+
+
+def _certs_dev(args: argparse.Namespace) -> int:
+    from alb_proxy.certs.dev import write_dev_certificates
+
+    for path in write_dev_certificates(args.out, now=datetime.now(UTC)):
+        print(path)
+    return 0
+
+
+def _demo_backend(args: argparse.Namespace) -> int:
+    from alb_proxy.demo_backend import run_demo_backend
+
+    run_demo_backend(args.host, args.port)
+    return 0

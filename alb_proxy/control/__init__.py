@@ -1,0 +1,1 @@
+"""Control plane: build and validate snapshots, apply changes, serve the admin API."""

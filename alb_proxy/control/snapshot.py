@@ -1,0 +1,151 @@
+"""Build the data plane's snapshot from a validated config.
+
+A snapshot is the one immutable thing the data plane reads: for every listener, its TLS
+contexts (built here, never in the handshake path) and its route to a server group. It is built
+beside the one being served; anything wrong (an unreadable file, a key that does not match, a
+policy OpenSSL refuses) raises ``ConfigError`` with the field path, and the old snapshot keeps
+serving. Building does file reads and OpenSSL calls, so it runs before binding and off the hot path.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from alb_proxy.certs.ca import CaBundle, load_ca_bundle
+from alb_proxy.certs.pem import read_pem_file
+from alb_proxy.certs.server import ServerCertificate, load_server_certificate
+from alb_proxy.certs.sni import SniIndex
+from alb_proxy.config.model import CertificateKind, Config, Listener, Protocol
+from alb_proxy.errors import AlbError, ConfigError, Problem
+from alb_proxy.http.h1 import RouteSettings
+from alb_proxy.listeners.tcp import ListenerPlan
+from alb_proxy.observability.log import event
+from alb_proxy.observability.metrics import Metrics
+from alb_proxy.tls.contexts import CertMaterial, ListenerTls, build_listener_tls
+from alb_proxy.tls.policies import POLICIES
+from alb_proxy.upstream.group import Backend, GroupRuntime
+from alb_proxy.upstream.pool import ConnectionPool
+
+_generations = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    generation: int
+    config: Config
+    server_certificates: Mapping[str, ServerCertificate]
+    ca_bundles: Mapping[str, CaBundle]
+    plans: Mapping[str, ListenerPlan]
+
+
+def load_certificates(
+    config: Config, now: datetime
+) -> tuple[dict[str, ServerCertificate], dict[str, CaBundle]]:
+    """Read and check every certificate of the config; every problem is reported at once."""
+    servers: dict[str, ServerCertificate] = {}
+    cas: dict[str, CaBundle] = {}
+    problems: list[Problem] = []
+    for cert in config.certificates:
+        path = f"certificates[{cert.id}]"
+        try:
+            if cert.kind is CertificateKind.SERVER:
+                assert cert.key is not None  # enforced by the config rules
+                chain = read_pem_file(cert.chain) if cert.chain is not None else None
+                servers[cert.id] = load_server_certificate(
+                    cert.id, read_pem_file(cert.cert), read_pem_file(cert.key), chain, now=now
+                )
+            else:
+                cas[cert.id] = load_ca_bundle(cert.id, read_pem_file(cert.cert), now=now)
+        except AlbError as exc:
+            problems.append(Problem(path, str(exc)))
+    if problems:
+        raise ConfigError(problems)
+    loaded: list[ServerCertificate | CaBundle] = [*servers.values(), *cas.values()]
+    for item in loaded:
+        for warning in item.warnings:
+            event(logging.WARNING, "certificate warning", certificate=item.id, detail=warning)
+    return servers, cas
+
+
+def build_snapshot(
+    config: Config,
+    pool: ConnectionPool,
+    metrics: Metrics,
+    *,
+    now: datetime | None = None,
+) -> Snapshot:
+    now = now or datetime.now(UTC)
+    servers, cas = load_certificates(config, now)
+    groups = {
+        g.id: GroupRuntime(
+            g.id,
+            [Backend(s.host, s.port, s.weight) for s in g.servers],
+            connect_timeout=g.connect_timeout_s,
+        )
+        for g in config.server_groups
+    }
+    plans: dict[str, ListenerPlan] = {}
+    problems: list[Problem] = []
+    for listener in config.listeners:
+        path = f"listeners[{listener.name}]"
+        if listener.protocol is Protocol.QUIC:
+            problems.append(Problem(f"{path}.protocol", "QUIC listeners are not served yet"))
+            continue
+        try:
+            tls = _listener_tls(listener, servers, cas, now)
+        except AlbError as exc:
+            problems.append(Problem(path, str(exc)))
+            continue
+        route = RouteSettings(
+            listener=listener.name,
+            scheme="https" if listener.protocol is Protocol.HTTPS else "http",
+            port=listener.port,
+            group=groups[listener.default_action.forward],
+            pool=pool,
+            metrics=metrics,
+            idle_timeout=listener.idle_timeout_s,
+            request_timeout=listener.request_timeout_s,
+        )
+        plans[listener.name] = ListenerPlan(
+            name=listener.name,
+            protocol=listener.protocol.value,
+            bind=listener.bind,
+            port=listener.port,
+            route=route,
+            tls=tls,
+        )
+    if problems:
+        raise ConfigError(problems)
+    return Snapshot(next(_generations), config, servers, cas, plans)
+
+
+def _listener_tls(
+    listener: Listener,
+    servers: Mapping[str, ServerCertificate],
+    cas: Mapping[str, CaBundle],
+    now: datetime,
+) -> ListenerTls | None:
+    if listener.protocol is not Protocol.HTTPS or listener.certificates is None:
+        return None
+    default = servers[listener.certificates.default]
+    additional = [servers[cert_id] for cert_id in listener.certificates.additional]
+    index = SniIndex.build(default.info, [c.info for c in additional], now)
+    material = {
+        c.id: CertMaterial(c.chain_pem, c.private_key_pem()) for c in (default, *additional)
+    }
+    client_ca_pem = None
+    mtls = listener.mutual_authentication
+    if mtls.enabled:
+        client_ca_pem = b"".join(cas[ca_id].pem for ca_id in mtls.ca_certificates)
+    return build_listener_tls(
+        index.select,
+        index.groups(),
+        material,
+        POLICIES[listener.security_policy],
+        alpn=("http/1.1",),
+        client_ca_pem=client_ca_pem,
+    )
