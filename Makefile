@@ -1,0 +1,47 @@
+# Two commands do all the set-up on a fresh Debian machine with Python 3.11:
+#   make run    virtualenv, install, dev certificates, demo backend + proxy on configs/example.yaml
+#   make test   test dependencies, then lint, type check and the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+CONFIG ?= configs/example.yaml
+
+.PHONY: run test lint typecheck certs clean
+
+$(BIN)/alb-proxy: pyproject.toml
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq python3-venv; \
+	  else echo "make: $(PYTHON) has no venv support: install python3-venv" >&2; exit 1; fi; }
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e .
+	@touch $@
+
+$(VENV)/.test-deps: $(BIN)/alb-proxy
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+certs/ca.pem: | $(BIN)/alb-proxy
+	$(BIN)/alb-proxy certs dev --out certs
+
+certs: certs/ca.pem
+
+run: $(BIN)/alb-proxy certs/ca.pem
+	@$(BIN)/alb-proxy run --config $(CONFIG) --check
+	@$(BIN)/alb-proxy demo-backend --port 8081 & backend=$$!; \
+	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
+	echo; \
+	echo "Try:  curl --cacert certs/ca.pem --resolve site.example.test:8443:127.0.0.1 https://site.example.test:8443/"; \
+	echo "      openssl s_client -connect 127.0.0.1:8443 -servername api.example.test -CAfile certs/ca.pem </dev/null"; \
+	echo "      curl http://127.0.0.1:8080/"; \
+	echo; \
+	$(BIN)/alb-proxy run --config $(CONFIG)
+
+test: $(VENV)/.test-deps
+	$(BIN)/ruff check alb_proxy tests
+	$(BIN)/mypy alb_proxy
+	$(BIN)/pytest -q
+
+clean:
+	rm -rf $(VENV) certs state .pytest_cache .mypy_cache .ruff_cache
