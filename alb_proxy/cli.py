@@ -115,5 +115,9 @@ def _certs_dev(args: argparse.Namespace) -> int:
 def _demo_backend(args: argparse.Namespace) -> int:
     from alb_proxy.demo_backend import run_demo_backend
 
-    run_demo_backend(args.host, args.port)
+    try:
+        run_demo_backend(args.host, args.port)
+    except OSError as exc:
+        print(f"alb-proxy demo-backend: cannot serve: {exc}", file=sys.stderr)
+        return 1
     return 0
