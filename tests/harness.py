@@ -46,7 +46,20 @@ class Proxy:
     admin_port: int
     log_path: Path
     config_path: Path
+    notify_fd: int
     stopped: bool = field(default=False)
+
+    def reload(self, config: dict[str, Any]) -> dict[str, Any]:
+        """Rewrite the config file, SIGHUP, and wait for the daemon's verdict on it."""
+        tmp_path = self.config_path.parent
+        write_config(tmp_path, _with_defaults(tmp_path, config), self.config_path.name)
+        self.proc.send_signal(signal.SIGHUP)
+        state: dict[str, Any] = json.loads(
+            _read_line(self.notify_fd, START_TIMEOUT, "reload", self.log_path)
+        )
+        if state["state"] == "reloaded":
+            self.ports = state["listeners"]
+        return state
 
     def port(self, listener: str) -> int:
         return self.ports[listener]
@@ -84,6 +97,8 @@ class Proxy:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout=timeout)
+        if not self.stopped:
+            os.close(self.notify_fd)
         self.stopped = True
         return code
 
@@ -94,9 +109,12 @@ def write_config(tmp_path: Path, config: dict[str, Any], name: str = "alb.yaml")
     return path
 
 
+def _with_defaults(tmp_path: Path, config: dict[str, Any]) -> dict[str, Any]:
+    return {"admin": {"listen": "127.0.0.1:9900"}, "state_dir": str(tmp_path / "state"), **config}
+
+
 def start_proxy(tmp_path: Path, config: dict[str, Any]) -> Proxy:
-    config = {"admin": {"listen": "127.0.0.1:9900"}, "state_dir": str(tmp_path / "state"), **config}
-    path = write_config(tmp_path, config)
+    path = write_config(tmp_path, _with_defaults(tmp_path, config))
     log_path = tmp_path / "proxy.log"
     read_fd, write_fd = os.pipe()
     with open(log_path, "wb") as log:
@@ -123,10 +141,9 @@ def start_proxy(tmp_path: Path, config: dict[str, Any]) -> Proxy:
     except BaseException:
         proc.kill()
         proc.wait()
-        raise
-    finally:
         os.close(read_fd)
-    return Proxy(proc, ready["listeners"], ready["admin"], log_path, path)
+        raise
+    return Proxy(proc, ready["listeners"], ready["admin"], log_path, path, read_fd)
 
 
 def run_cli(

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from alb_proxy.http.h1 import ConnectionControl, H1Session, RouteSettings
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
+from alb_proxy.tls.clientcert import client_cert_headers
 from alb_proxy.tls.connection import HandshakeFailure, TlsServerProtocol
 from alb_proxy.tls.contexts import ListenerTls
 
@@ -34,6 +35,8 @@ class ListenerPlan:
     route: RouteSettings
     tls: ListenerTls | None = None
     handshake_timeout: float = 10.0
+    client_cert_headers: tuple[str, ...] = ()
+    """With mutual authentication: the ``X-Forwarded-Clientcert-*`` headers to send."""
 
 
 class TcpListener:
@@ -109,10 +112,14 @@ class TcpListener:
     def _forget(self, task: asyncio.Task[None]) -> None:
         self._sessions.pop(task, None)
 
-    async def drain(self, timeout: float) -> None:
-        """Stop accepting, let requests in flight finish (bounded), then close what remains."""
+    def stop_accepting(self) -> None:
+        """Release the port at once; connections already accepted carry on."""
         if self._server is not None:
             self._server.close()
+
+    async def drain(self, timeout: float) -> None:
+        """Stop accepting, let requests in flight finish (bounded), then close what remains."""
+        self.stop_accepting()
         for control, writer in self._sessions.values():
             control.draining = True
             if not control.busy:
@@ -146,11 +153,17 @@ class _SessionProtocol(asyncio.StreamReaderProtocol):
         plan = self._plan
         self._register(writer)
         sslobj = writer.get_extra_info("ssl_object")
+        cert_headers: list[tuple[bytes, bytes]] = []
         if sslobj is not None:
             self._metrics.handshakes_total.labels(plan.name, sslobj.version() or "-").inc()
+            if plan.client_cert_headers:
+                # Computed once per connection; the dict form of getpeercert() can be empty.
+                der = sslobj.getpeercert(binary_form=True)
+                if der is not None:
+                    cert_headers = client_cert_headers(der, plan.client_cert_headers)
         active = self._metrics.connections_active.labels(plan.name)
         active.inc()
-        session = H1Session(reader, writer, plan.route, self._control)
+        session = H1Session(reader, writer, plan.route, self._control, cert_headers)
         try:
             await session.run()
         except Exception as exc:  # one broken connection must never take the listener down

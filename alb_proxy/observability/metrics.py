@@ -45,5 +45,15 @@ class Metrics:
             registry=r,
         )
 
+        self.config_generation = Gauge(
+            "alb_config_generation", "Generation of the snapshot being served.", registry=r
+        )
+        self.config_reloads_total = Counter(
+            "alb_config_reloads",
+            "Config reloads by result (applied, refused).",
+            ["result"],
+            registry=r,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
