@@ -122,10 +122,26 @@ class ListenerCertificates:
 
 
 @dataclass(frozen=True)
+class ClientCertHeaders:
+    """Which ``X-Forwarded-Clientcert-*`` headers the backend receives for a verified client."""
+
+    subjectdn: bool = True
+    issuerdn: bool = True
+    fingerprint: bool = True
+    serial: bool = True
+    clientverify: bool = True
+
+    def enabled(self) -> tuple[str, ...]:
+        return tuple(name for name, on in vars(self).items() if on)
+
+
+@dataclass(frozen=True)
 class MutualAuthentication:
     enabled: bool = False
     ca_certificates: tuple[str, ...] = ()
     """Ids of CA certificates a client certificate must chain to."""
+    headers: ClientCertHeaders = field(default_factory=ClientCertHeaders)
+    """Client-certificate headers forwarded to backends; each can be switched off."""
 
 
 @dataclass(frozen=True)

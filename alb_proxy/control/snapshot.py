@@ -117,6 +117,11 @@ def build_snapshot(
             port=listener.port,
             route=route,
             tls=tls,
+            client_cert_headers=(
+                listener.mutual_authentication.headers.enabled()
+                if tls is not None and listener.mutual_authentication.enabled
+                else ()
+            ),
         )
     if problems:
         raise ConfigError(problems)

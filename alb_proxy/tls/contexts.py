@@ -60,6 +60,8 @@ def build_context(
     if client_ca_pem is not None:
         ctx.load_verify_locations(cadata=client_ca_pem.decode("ascii"))
         ctx.verify_mode = ssl.CERT_REQUIRED
+        # An associated CA may be an intermediate: it is a trust anchor all the same.
+        ctx.verify_flags |= ssl.VERIFY_X509_PARTIAL_CHAIN
     return ctx
 
 

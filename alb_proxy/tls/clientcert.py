@@ -1,0 +1,41 @@
+"""What the backend learns about a verified client certificate: ``X-Forwarded-Clientcert-*``.
+
+Pure: DER bytes in, header pairs out. DNs are RFC 4514 strings, and because an HTTP header
+value may carry only visible ASCII safely, every byte of the UTF-8 form outside 0x21–0x7E, and
+``%`` itself, is percent-encoded: ``CN=Zoë Doe,O=A\\, B`` becomes
+``CN=Zo%C3%AB%20Doe,O=A\\,%20B``, which a backend decodes back exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+
+HEADER_PREFIX = "x-forwarded-clientcert-"
+HEADER_NAMES = ("subjectdn", "issuerdn", "fingerprint", "serial", "clientverify")
+
+_SAFE = frozenset(range(0x21, 0x7F)) - {ord("%")}
+
+
+def percent_encode(text: str) -> bytes:
+    """Visible ASCII except ``%`` kept; every other UTF-8 byte as ``%XX``."""
+    return b"".join(
+        bytes((b,)) if b in _SAFE else b"%%%02X" % b for b in text.encode("utf-8", "surrogatepass")
+    )
+
+
+_VALUES: dict[str, Callable[[x509.Certificate], bytes]] = {
+    "subjectdn": lambda cert: percent_encode(cert.subject.rfc4514_string()),
+    "issuerdn": lambda cert: percent_encode(cert.issuer.rfc4514_string()),
+    "fingerprint": lambda cert: cert.fingerprint(hashes.SHA256()).hex().encode(),
+    "serial": lambda cert: format(cert.serial_number, "x").encode(),
+    "clientverify": lambda cert: b"SUCCESS",
+}
+
+
+def client_cert_headers(der: bytes, enabled: Sequence[str]) -> list[tuple[bytes, bytes]]:
+    """Headers for a client certificate that passed verification (hence ``SUCCESS``)."""
+    cert = x509.load_der_x509_certificate(der)
+    return [(f"{HEADER_PREFIX}{name}".encode(), _VALUES[name](cert)) for name in enabled]
