@@ -34,6 +34,7 @@ run: $(BIN)/alb-proxy certs/ca.pem
 	echo; \
 	echo "Try:  curl --cacert certs/ca.pem --resolve site.example.test:8443:127.0.0.1 https://site.example.test:8443/"; \
 	echo "      openssl s_client -connect 127.0.0.1:8443 -servername api.example.test -CAfile certs/ca.pem </dev/null"; \
+	echo "      curl --cacert certs/ca.pem --cert certs/client.pem --key certs/client.key --resolve site.example.test:8444:127.0.0.1 https://site.example.test:8444/"; \
 	echo "      curl http://127.0.0.1:8080/"; \
 	echo; \
 	$(BIN)/alb-proxy run --config $(CONFIG)

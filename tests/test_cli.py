@@ -97,6 +97,13 @@ def test_key_that_does_not_match_is_refused_without_leaking_it(tmp_path: Path, p
         assert line not in err
 
 
+def test_server_certificate_given_as_ca_is_refused(tmp_path: Path, pki: Pki) -> None:
+    config = base_config(pki)
+    config["certificates"].append({"id": "not-a-ca", "kind": "ca", "cert": str(pki.exact.cert)})
+    err = refused(tmp_path, config)
+    assert "certificates[not-a-ca]" in err and "not a CA" in err
+
+
 def test_file_that_is_not_pem_is_refused(tmp_path: Path, pki: Pki) -> None:
     junk = tmp_path / "junk.pem"
     junk.write_text("hello, I am not a certificate\n")
@@ -214,6 +221,38 @@ def test_example_config_runs_as_the_readme_says(tmp_path: Path, demo_backend: Ba
         )
         assert "subject=CN = api.example.test" in api.stdout
         assert "Verify return code: 0 (ok)" in api.stdout
+        mport = proxy.port("https-mtls-8444")
+        resolve = ["--resolve", f"site.example.test:{mport}:127.0.0.1"]
+        url = f"https://site.example.test:{mport}/"
+        with_cert = subprocess.run(
+            [
+                "curl",
+                "-sS",
+                "--cacert",
+                "certs/ca.pem",
+                "--cert",
+                "certs/client.pem",
+                "--key",
+                "certs/client.key",
+                *resolve,
+                url,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=30,
+        )
+        assert with_cert.returncode == 0, with_cert.stderr
+        headers = dict(json.loads(with_cert.stdout)["headers"])
+        assert headers["x-forwarded-clientcert-clientverify"] == "SUCCESS"
+        without = subprocess.run(
+            ["curl", "-sS", "--cacert", "certs/ca.pem", *resolve, url],
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=30,
+        )
+        assert without.returncode != 0 and "certificate required" in without.stderr
     finally:
         assert proxy.stop() == 0
 
