@@ -167,6 +167,8 @@ class Listener:
     """Offer HTTP/2 by ALPN on HTTPS listeners."""
     quic_upgrade: str | None = None
     """Name of a QUIC listener advertised to clients with ``Alt-Svc``."""
+    enabled: bool = True
+    """A stopped listener keeps its configuration but releases its port."""
     idle_timeout_s: float = 15.0
     """Close a client connection idle this long between requests."""
     request_timeout_s: float = 60.0
