@@ -9,7 +9,6 @@ serving. Building does file reads and OpenSSL calls, so it runs before binding a
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,8 +28,6 @@ from alb_proxy.tls.contexts import CertMaterial, ListenerTls, build_listener_tls
 from alb_proxy.tls.policies import POLICIES
 from alb_proxy.upstream.group import Backend, GroupRuntime
 from alb_proxy.upstream.pool import ConnectionPool
-
-_generations = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -76,6 +73,7 @@ def build_snapshot(
     pool: ConnectionPool,
     metrics: Metrics,
     *,
+    generation: int = 0,
     now: datetime | None = None,
 ) -> Snapshot:
     now = now or datetime.now(UTC)
@@ -92,6 +90,8 @@ def build_snapshot(
     problems: list[Problem] = []
     for listener in config.listeners:
         path = f"listeners[{listener.name}]"
+        if not listener.enabled:
+            continue  # stopped: configured, validated, not served
         if listener.protocol is Protocol.QUIC:
             problems.append(Problem(f"{path}.protocol", "QUIC listeners are not served yet"))
             continue
@@ -125,7 +125,7 @@ def build_snapshot(
         )
     if problems:
         raise ConfigError(problems)
-    return Snapshot(next(_generations), config, servers, cas, plans)
+    return Snapshot(generation, config, servers, cas, plans)
 
 
 def _listener_tls(

@@ -1,0 +1,173 @@
+"""The control plane: every change goes validate → build beside → persist → swap, one at a time.
+
+Changes are serialised by one lock, and a caller may pin the generation it read (``If-Match``),
+so two operators can never interleave into a state neither asked for. Building a snapshot reads
+files and makes SSL contexts; it runs in a worker thread on fresh objects (never on a live
+context), and the swap itself happens on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import secrets
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+from datetime import UTC, datetime
+
+from alb_proxy.certs.ca import load_ca_bundle
+from alb_proxy.certs.server import load_server_certificate
+from alb_proxy.config.dump import dump_config
+from alb_proxy.config.model import Certificate, CertificateKind, Config
+from alb_proxy.config.rules import check_config
+from alb_proxy.control.operations import OperationError, add_certificate, delete_certificate
+from alb_proxy.control.snapshot import Snapshot, build_snapshot
+from alb_proxy.control.store import CertificateRecord, Store
+from alb_proxy.errors import ConfigError
+from alb_proxy.observability.log import event
+from alb_proxy.observability.metrics import Metrics
+from alb_proxy.upstream.pool import ConnectionPool
+
+Operation = Callable[[Config], Config]
+
+
+class PreconditionFailed(OperationError):
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(412, f"generation is {current}, not {expected}: re-read and retry")
+
+
+class ControlPlane:
+    def __init__(
+        self,
+        store: Store,
+        snapshot: Snapshot,
+        pool: ConnectionPool,
+        metrics: Metrics,
+        publish: Callable[[Snapshot], Awaitable[None]],
+    ) -> None:
+        self.store = store
+        self.snapshot = snapshot
+        self._pool = pool
+        self._metrics = metrics
+        self._publish = publish
+        self._lock = asyncio.Lock()
+
+    @property
+    def generation(self) -> int:
+        return self.snapshot.generation
+
+    async def change(
+        self,
+        description: str,
+        operation: Operation,
+        *,
+        if_match: int | None = None,
+        record: CertificateRecord | None = None,
+        record_pem: bytes = b"",
+        forget: str | None = None,
+        file_sha256: str | None = None,
+    ) -> Snapshot:
+        """Apply one operation; on any refusal nothing changes and the old snapshot serves."""
+        async with self._lock:
+            current = self.snapshot
+            if if_match is not None and if_match != current.generation:
+                raise PreconditionFailed(if_match, current.generation)
+            config = operation(current.config)
+            if dump_config(config) == dump_config(current.config):
+                return current  # nothing to do: no new generation
+            problems = check_config(config)
+            if problems:
+                raise ConfigError(problems)
+            generation = current.generation + 1
+            snapshot = await asyncio.to_thread(
+                build_snapshot, config, self._pool, self._metrics, generation=generation
+            )
+            await asyncio.to_thread(
+                self.store.save,
+                generation,
+                dump_config(config),
+                description,
+                add=record,
+                add_pem=record_pem,
+                remove=forget,
+            )
+            await self._publish(snapshot)
+            self.snapshot = snapshot
+            self._metrics.config_generation.set(generation)
+            event(logging.INFO, "change applied", generation=generation, operation=description)
+            return snapshot
+
+    async def apply_config(
+        self,
+        config: Config,
+        source: str,
+        *,
+        if_match: int | None = None,
+        file_sha256: str | None = None,
+    ) -> Snapshot:
+        """Make the running state match a whole config (``ctl apply -f``, SIGHUP)."""
+        running = self.snapshot.config
+        # The process-level settings cannot move under a running daemon.
+        config = replace(config, admin=running.admin, state_dir=running.state_dir)
+        snapshot = await self.change(
+            f"apply {source}", lambda _: config, if_match=if_match, file_sha256=file_sha256
+        )
+        uploaded = self.store.records()
+        for cert_id in uploaded.keys() - {c.id for c in snapshot.config.certificates}:
+            self.store.remove_files(cert_id)
+        return snapshot
+
+    async def upload(
+        self,
+        name: str,
+        kind: CertificateKind,
+        cert_pem: bytes,
+        key_pem: bytes | None = None,
+        chain_pem: bytes | None = None,
+        *,
+        if_match: int | None = None,
+    ) -> tuple[str, Snapshot]:
+        """Validate exactly like a config certificate, store it, and add it to the config."""
+        now = datetime.now(UTC)
+        if kind is CertificateKind.SERVER:
+            if key_pem is None:
+                raise OperationError(422, "a server certificate needs its private key")
+            loaded = load_server_certificate("upload", cert_pem, key_pem, chain_pem, now=now)
+            stored_pem, fingerprint = loaded.chain_pem, loaded.fingerprint_sha256
+        else:
+            bundle = load_ca_bundle("upload", cert_pem, now=now)
+            stored_pem, fingerprint = bundle.pem, bundle.fingerprints[0]
+        cert_id = f"{_slug(name)}-{secrets.token_hex(3)}"
+        cert_path, key_path = self.store.stage_files(cert_id, stored_pem, key_pem)
+        certificate = Certificate(id=cert_id, kind=kind, cert=cert_path, key=key_path)
+        record = CertificateRecord(
+            cert_id, name, kind.value, fingerprint, now.isoformat(timespec="seconds")
+        )
+        try:
+            snapshot = await self.change(
+                f"upload {kind.value} certificate {cert_id}",
+                lambda config: add_certificate(config, certificate),
+                if_match=if_match,
+                record=record,
+                record_pem=stored_pem,
+            )
+        except BaseException:
+            self.store.remove_files(cert_id)
+            raise
+        return cert_id, snapshot
+
+    async def delete_certificate(self, cert_id: str, *, if_match: int | None = None) -> Snapshot:
+        snapshot = await self.change(
+            f"delete certificate {cert_id}",
+            lambda config: delete_certificate(config, cert_id),
+            if_match=if_match,
+            forget=cert_id,
+        )
+        self.store.remove_files(cert_id)
+        return snapshot
+
+
+def _slug(name: str) -> str:
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+    return (slug or "cert")[:40]

@@ -1,0 +1,173 @@
+"""Durable state in ``state_dir``: SQLite (WAL) for the desired config and the certificate
+records, private keys in files of their own written 0600.
+
+Every change is one transaction that stores the whole desired config under the next generation,
+so a crash leaves either the old state or the new, and the history says what changed when.
+Key files are written (temp file, fsync, rename) before the transaction that references them
+commits; a refused or failed change removes what it staged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS configs (
+    generation INTEGER PRIMARY KEY,
+    applied_at TEXT NOT NULL,
+    operation  TEXT NOT NULL,
+    body       TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS certificates (
+    id          TEXT PRIMARY KEY,
+    name        TEXT NOT NULL,
+    kind        TEXT NOT NULL,
+    fingerprint TEXT NOT NULL,
+    cert_pem    BLOB NOT NULL,
+    uploaded_at TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class StoredConfig:
+    generation: int
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class CertificateRecord:
+    id: str
+    name: str
+    kind: str
+    fingerprint: str
+    uploaded_at: str
+
+
+class Store:
+    def __init__(self, state_dir: Path) -> None:
+        self.state_dir = state_dir
+        self.certs_dir = state_dir / "certs"
+        self.keys_dir = state_dir / "keys"
+        for directory, mode in (
+            (state_dir, 0o700),
+            (self.certs_dir, 0o755),
+            (self.keys_dir, 0o700),
+        ):
+            directory.mkdir(parents=True, exist_ok=True)
+            os.chmod(directory, mode)
+        self._db = sqlite3.connect(
+            state_dir / "state.db", isolation_level=None, check_same_thread=False
+        )
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def latest(self) -> StoredConfig | None:
+        row = self._db.execute(
+            "SELECT generation, body FROM configs ORDER BY generation DESC LIMIT 1"
+        ).fetchone()
+        return None if row is None else StoredConfig(row[0], json.loads(row[1]))
+
+    def save(
+        self,
+        generation: int,
+        body: dict[str, Any],
+        operation: str,
+        *,
+        add: CertificateRecord | None = None,
+        add_pem: bytes = b"",
+        remove: str | None = None,
+        file_sha256: str | None = None,
+    ) -> None:
+        """Store the config of ``generation`` (and a certificate record change) atomically;
+        ``file_sha256`` records which config file this state was imported from."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        with _transaction(self._db):
+            self._db.execute(
+                "INSERT INTO configs (generation, applied_at, operation, body) VALUES (?,?,?,?)",
+                (generation, now, operation, json.dumps(body, sort_keys=True)),
+            )
+            if add is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO certificates VALUES (?,?,?,?,?,?)",
+                    (add.id, add.name, add.kind, add.fingerprint, add_pem, add.uploaded_at),
+                )
+            if remove is not None:
+                self._db.execute("DELETE FROM certificates WHERE id = ?", (remove,))
+            if file_sha256 is not None:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO meta VALUES ('file_sha256', ?)", (file_sha256,)
+                )
+
+    def imported_file_sha256(self) -> str | None:
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'file_sha256'").fetchone()
+        return None if row is None else str(row[0])
+
+    def records(self) -> dict[str, CertificateRecord]:
+        rows = self._db.execute(
+            "SELECT id, name, kind, fingerprint, uploaded_at FROM certificates"
+        ).fetchall()
+        return {row[0]: CertificateRecord(*row) for row in rows}
+
+    def history(self, limit: int = 20) -> list[tuple[int, str, str]]:
+        rows = self._db.execute(
+            "SELECT generation, applied_at, operation FROM configs "
+            "ORDER BY generation DESC LIMIT ?",
+            (limit,),
+        ).fetchall()
+        return [(int(r[0]), str(r[1]), str(r[2])) for r in rows]
+
+    # -- key and certificate files --------------------------------------------------------------
+
+    def stage_files(
+        self, cert_id: str, cert_pem: bytes, key_pem: bytes | None
+    ) -> tuple[Path, Path | None]:
+        """Write ``certs/ID.pem`` and (0600) ``keys/ID.key`` atomically; returns both paths."""
+        cert_path = write_atomic(self.certs_dir / f"{cert_id}.pem", cert_pem, 0o644)
+        key_path = None
+        if key_pem is not None:
+            key_path = write_atomic(self.keys_dir / f"{cert_id}.key", key_pem, 0o600)
+        return cert_path, key_path
+
+    def remove_files(self, cert_id: str) -> None:
+        for path in (self.certs_dir / f"{cert_id}.pem", self.keys_dir / f"{cert_id}.key"):
+            path.unlink(missing_ok=True)
+
+
+class _transaction:
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+
+    def __enter__(self) -> None:
+        self._db.execute("BEGIN IMMEDIATE")
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self._db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def write_atomic(path: Path, data: bytes, mode: int) -> Path:
+    """Create with ``mode`` from the first byte (never a moment world-readable), fsync, rename."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        os.fchmod(fd, mode)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+    return path
