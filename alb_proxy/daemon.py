@@ -1,38 +1,47 @@
-"""The process: load and validate, bind, serve, and drain on SIGTERM.
+"""The process: load and validate, bind, serve, apply changes, and drain on SIGTERM.
 
 Order matters for users: everything that can be refused (config rules, certificate files, keys,
 policies) is checked before a single port is bound, so a bad file exits with code 2 and leaves
 whatever was running untouched.
+
+Where the running state comes from: the first start imports the config file into the store
+(``state_dir``). From then on the store is the source of truth, so changes made at runtime
+survive a restart; the config file is read again only when the operator says so (SIGHUP, or
+``alb-proxy ctl apply -f FILE``), and then the running state is made to match it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import logging
 import os
+import secrets
 import signal
 from collections.abc import Coroutine
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from alb_proxy.config.load import load_config
-from alb_proxy.config.model import Config
+from alb_proxy.config.dump import dump_config
+from alb_proxy.config.load import load_config, parse_config
+from alb_proxy.config.model import Admin, Config
+from alb_proxy.config.rules import check_config
 from alb_proxy.control.admin import AdminServer
+from alb_proxy.control.api import AdminApi
+from alb_proxy.control.plane import ControlPlane
 from alb_proxy.control.snapshot import Snapshot, build_snapshot
-from alb_proxy.errors import ConfigError
+from alb_proxy.control.store import Store, write_atomic
+from alb_proxy.errors import AlbError, ConfigError
 from alb_proxy.listeners.tcp import ListenerPlan, TcpListener
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 from alb_proxy.upstream.pool import ConnectionPool
 
 DRAIN_TIMEOUT_S = 30.0
-
-
-def _address(plan: ListenerPlan) -> tuple[str, str, int]:
-    return (plan.protocol, plan.bind, plan.port)
+TOKEN_ENV = "ALB_ADMIN_TOKEN"
 
 
 @dataclass(frozen=True)
@@ -40,47 +49,85 @@ class RunOptions:
     ephemeral_ports: bool = False
     """Bind every listener and the admin API to a port the OS picks (tests, side-by-side runs)."""
     ready_fd: int | None = None
-    """Write one JSON line with the bound ports to this descriptor once serving."""
+    """Write one JSON line per state change (ready, reloaded, ...) to this descriptor."""
     drain_timeout: float = DRAIN_TIMEOUT_S
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: Path, options: RunOptions) -> None:
-        self.config = config
+    def __init__(self, file_config: Config, config_path: Path, options: RunOptions) -> None:
         self.config_path = config_path
         self.options = options
         self.metrics = Metrics()
         self.pool = ConnectionPool()
-        self.snapshot: Snapshot = build_snapshot(config, self.pool, self.metrics)
+        self.store = Store(file_config.state_dir)
+        snapshot = self._initial_snapshot(file_config)
+        self.plane = ControlPlane(self.store, snapshot, self.pool, self.metrics, self._publish)
+        self.admin_token = _admin_token(file_config.admin, file_config.state_dir)
         self.listeners: dict[str, TcpListener] = {}
         self._ready = False
         self._port_override = 0 if options.ephemeral_ports else None
         self._admin_port = 0
-        self._changes = asyncio.Lock()
         self._background: set[asyncio.Future[object]] = set()
+
+    @property
+    def snapshot(self) -> Snapshot:
+        return self.plane.snapshot
+
+    def _initial_snapshot(self, file_config: Config) -> Snapshot:
+        """The store's state if the config file is the one it was imported from; otherwise
+        the file (first start, or the operator edited it): the last thing touched wins."""
+        stored = self.store.latest()
+        file_sha = _sha256(self.config_path)
+        if stored is not None and self.store.imported_file_sha256() == file_sha:
+            config = replace(
+                parse_config(stored.body), admin=file_config.admin, state_dir=file_config.state_dir
+            )
+            problems = check_config(config)
+            if problems:
+                raise ConfigError(problems)
+            event(
+                logging.INFO,
+                "running state from the store",
+                generation=stored.generation,
+                state_dir=file_config.state_dir,
+            )
+            return build_snapshot(config, self.pool, self.metrics, generation=stored.generation)
+        generation = 1 if stored is None else stored.generation + 1
+        snapshot = build_snapshot(file_config, self.pool, self.metrics, generation=generation)
+        if stored is not None:
+            event(
+                logging.WARNING,
+                "config file changed since it was imported: it replaces the running state",
+                file=self.config_path,
+                superseded_generation=stored.generation,
+            )
+        self.store.save(
+            generation, dump_config(file_config), f"import {self.config_path}", file_sha256=file_sha
+        )
+        return snapshot
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
         stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
-        async with self._changes:  # a SIGHUP during start-up waits for it
-            for plan in self.snapshot.plans.values():
-                await self._start_listener(plan)
+        loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reload()))
+        await self._publish(self.snapshot)
         self.metrics.config_generation.set(self.snapshot.generation)
-        host, _, port = self.config.admin.listen.rpartition(":")
-        admin = AdminServer(host.strip("[]"), int(port), self.metrics, lambda: self._ready)
+        config = self.snapshot.config
+        host, _, port = config.admin.listen.rpartition(":")
+        api = AdminApi(self, self.admin_token)
+        admin = AdminServer(host.strip("[]"), int(port), api)
         await admin.start(port_override=self._port_override)
+        self._admin_port = admin.bound_port
         self._ready = True
         event(
             logging.INFO,
             "ready",
-            instance=self.config.instance.name,
+            instance=config.instance.name,
             listeners=len(self.listeners),
             generation=self.snapshot.generation,
         )
-        self._admin_port = admin.bound_port
         self._notify("ready")
         await stop.wait()
         event(logging.INFO, "draining", timeout_s=self.options.drain_timeout)
@@ -91,43 +138,44 @@ class Daemon:
         )
         await asyncio.gather(*self._background, return_exceptions=True)
         self.pool.close_all()
+        self.store.close()
         event(logging.INFO, "stopped")
         return 0
 
-    async def _start_listener(self, plan: ListenerPlan) -> None:
-        listener = TcpListener(plan, self.metrics)
-        await listener.start(port_override=self._port_override)
-        self.listeners[plan.name] = listener
+    @property
+    def ready(self) -> bool:
+        return self._ready
 
-    def _schedule_reload(self) -> None:
-        self._in_background(self.reload())
-
-    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
+    def bound_port(self, listener: str) -> int | None:
+        running = self.listeners.get(listener)
+        return running.bound_port if running is not None else None
 
     async def reload(self) -> bool:
-        """SIGHUP: re-read the config file; validate and build beside the running snapshot,
-        then swap. A refused file changes nothing and says why."""
-        async with self._changes:
-            try:
-                config = await asyncio.to_thread(load_config, self.config_path)
-                snapshot = await asyncio.to_thread(build_snapshot, config, self.pool, self.metrics)
-            except ConfigError as exc:
-                self.metrics.config_reloads_total.labels("refused").inc()
-                for problem in exc.problems:
-                    event(logging.ERROR, "reload refused", problem=str(problem))
-                self._notify("reload_refused", problems=[str(p) for p in exc.problems])
-                return False
-            await self._apply(snapshot)
-            self.metrics.config_reloads_total.labels("applied").inc()
-            event(logging.INFO, "config reloaded", generation=snapshot.generation)
-            self._notify("reloaded")
-            return True
+        """SIGHUP: make the running state match the config file, or change nothing."""
+        try:
+            config = await asyncio.to_thread(load_config, self.config_path)
+            await self.plane.apply_config(
+                config, str(self.config_path), file_sha256=_sha256(self.config_path)
+            )
+        except AlbError as exc:
+            self.metrics.config_reloads_total.labels("refused").inc()
+            problems = (
+                [str(p) for p in exc.problems] if isinstance(exc, ConfigError) else [str(exc)]
+            )
+            for problem in problems:
+                event(logging.ERROR, "reload refused", problem=problem)
+            self._notify("reload_refused", problems=problems)
+            return False
+        self.metrics.config_reloads_total.labels("applied").inc()
+        event(logging.INFO, "config reloaded", generation=self.snapshot.generation)
+        self._notify("reloaded")
+        return True
 
-    async def _apply(self, snapshot: Snapshot) -> None:
-        """Swap plans in place where a listener keeps its address; rebind where it moved."""
+    async def _publish(self, snapshot: Snapshot) -> None:
+        """Swap plans in place where a listener keeps its address; bind or release the rest.
+
+        New connections take the new plan; established ones keep the plan they started with.
+        """
         stale = [
             name
             for name, listener in self.listeners.items()
@@ -138,14 +186,19 @@ class Daemon:
             listener = self.listeners.pop(name)
             listener.stop_accepting()
             self._in_background(listener.drain(self.options.drain_timeout))
+            event(logging.INFO, "listener released", listener=name)
         for name, plan in snapshot.plans.items():
             if name in self.listeners:
-                self.listeners[name].plan = plan  # new connections only; open ones keep theirs
+                self.listeners[name].plan = plan
             else:
-                await self._start_listener(plan)
-        self.snapshot = snapshot
-        self.config = snapshot.config
-        self.metrics.config_generation.set(snapshot.generation)
+                listener = TcpListener(plan, self.metrics)
+                await listener.start(port_override=self._port_override)
+                self.listeners[name] = listener
+
+    def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def _notify(self, state: str, **extra: object) -> None:
         """One JSON line per state change on ``--ready-fd`` (like sd_notify): ``ready`` with
@@ -165,3 +218,30 @@ class Daemon:
             os.write(self.options.ready_fd, (json.dumps(line) + "\n").encode())
         except OSError:
             self.options = dataclasses.replace(self.options, ready_fd=None)  # reader went away
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _address(plan: ListenerPlan) -> tuple[str, str, int]:
+    return (plan.protocol, plan.bind, plan.port)
+
+
+def _admin_token(admin: Admin, state_dir: Path) -> str:
+    """``ALB_ADMIN_TOKEN``, else ``admin.token_file``, else one generated once and kept in
+    ``state_dir/admin.token`` (0600) for local tools; the token itself is never logged."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    path = admin.token_file or state_dir / "admin.token"
+    if path.exists():
+        token = path.read_text().strip()
+        if not token:
+            raise AlbError(f"admin token file {path} is empty")
+        return token
+    if admin.token_file is not None:
+        raise AlbError(f"admin.token_file: {path} does not exist")
+    token = secrets.token_urlsafe(32)
+    write_atomic(path, (token + "\n").encode(), 0o600)
+    event(logging.INFO, "admin token generated", file=path)
+    return token

@@ -1,29 +1,27 @@
-"""The admin HTTP endpoint: ``/healthz``, ``/readyz`` and ``/metrics`` (no token needed).
+"""The admin HTTP server: h11 plumbing around :class:`AdminApi`.
 
-A deliberately small h11 server: one request at a time per connection, bodies ignored. It binds
-loopback by default; anything beyond health and metrics will require the bearer token.
+One request at a time per connection, bodies up to 1 MiB, loopback by default.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 
 import h11
 
+from alb_proxy.control.api import AdminApi, Request, Response
 from alb_proxy.observability.log import event
-from alb_proxy.observability.metrics import Metrics
 
-_MAX_REQUEST_HEAD = 16 * 1024
+MAX_BODY = 1024 * 1024
+_MAX_HEAD = 16 * 1024
 
 
 class AdminServer:
-    def __init__(self, host: str, port: int, metrics: Metrics, ready: Callable[[], bool]) -> None:
+    def __init__(self, host: str, port: int, api: AdminApi) -> None:
         self.host = host
         self.port = port
-        self.metrics = metrics
-        self.ready = ready
+        self.api = api
         self._server: asyncio.Server | None = None
 
     @property
@@ -42,54 +40,69 @@ class AdminServer:
             self._server.close()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_REQUEST_HEAD)
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         try:
             while True:
-                ev = conn.next_event()
-                if ev is h11.NEED_DATA:
-                    async with asyncio.timeout(30):
-                        conn.receive_data(await reader.read(65536))
-                    continue
-                if isinstance(ev, h11.Request):
-                    status, ctype, body = self._route(ev.method, ev.target)
-                    writer.write(
-                        conn.send(
-                            h11.Response(
-                                status_code=status,
-                                headers=[
-                                    (b"content-type", ctype),
-                                    (b"content-length", str(len(body)).encode()),
-                                ],
-                            )
-                        )
-                        or b""
-                    )
-                    writer.write(conn.send(h11.Data(data=body)) or b"")
-                    writer.write(conn.send(h11.EndOfMessage()) or b"")
-                    await writer.drain()
-                elif isinstance(ev, h11.EndOfMessage) and conn.our_state is h11.DONE:
-                    if conn.their_state is not h11.DONE:
-                        break
-                    conn.start_next_cycle()
-                elif isinstance(ev, h11.ConnectionClosed) or ev is h11.PAUSED:
+                request = await self._read_request(conn, reader)
+                if request is None:
                     break
+                try:
+                    response = await self.api.handle(request)
+                except Exception as exc:  # a handler bug is a 500, not a dead admin API
+                    event(logging.ERROR, "admin API error", path=request.path, error=repr(exc))
+                    response = Response(
+                        500,
+                        b'{"error": {"status": 500, "code": '
+                        b'"internal_error", "message": "internal error"}}',
+                    )
+                self._send(conn, writer, response)
+                await writer.drain()
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
         except (h11.ProtocolError, ConnectionError, TimeoutError):
             pass
         finally:
             writer.close()
 
-    def _route(self, method: bytes, target: bytes) -> tuple[int, bytes, bytes]:
-        path = target.split(b"?", 1)[0]
-        if method not in (b"GET", b"HEAD"):
-            return 405, b"text/plain", b"method not allowed\n"
-        if path == b"/healthz":
-            return 200, b"text/plain", b"ok\n"
-        if path == b"/readyz":
-            return (
-                (200, b"text/plain", b"ready\n")
-                if self.ready()
-                else (503, b"text/plain", b"not ready\n")
-            )
-        if path == b"/metrics":
-            return 200, b"text/plain; version=0.0.4; charset=utf-8", self.metrics.render()
-        return 404, b"text/plain", b"not found\n"
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> Request | None:
+        head: h11.Request | None = None
+        body = bytearray()
+        while True:
+            ev = conn.next_event()
+            if ev is h11.NEED_DATA:
+                async with asyncio.timeout(30):
+                    conn.receive_data(await reader.read(65536))
+                continue
+            if isinstance(ev, h11.Request):
+                head = ev
+            elif isinstance(ev, h11.Data):
+                body += ev.data
+                if len(body) > MAX_BODY:
+                    return None
+            elif isinstance(ev, h11.EndOfMessage) and head is not None:
+                headers = {
+                    k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers
+                }
+                return Request(
+                    head.method.decode("ascii"), head.target.decode("latin-1"), headers, bytes(body)
+                )
+            else:
+                return None
+
+    def _send(self, conn: h11.Connection, writer: asyncio.StreamWriter, response: Response) -> None:
+        headers = [
+            ("content-type", response.content_type),
+            ("content-length", str(len(response.body))),
+            *response.headers,
+        ]
+        for ev in (
+            h11.Response(status_code=response.status, headers=headers),
+            h11.Data(data=response.body),
+            h11.EndOfMessage(),
+        ):
+            data = conn.send(ev)
+            if data:
+                writer.write(data)
