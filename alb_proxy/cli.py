@@ -11,7 +11,7 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from alb_proxy import __version__
+from alb_proxy import __version__, ctl
 from alb_proxy.errors import AlbError, ConfigError
 
 DEFAULT_CONFIG = Path("configs/example.yaml")
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     dev = certs.add_parser("dev", help="write a local CA and the example config's certificates")
     dev.add_argument("--out", type=Path, default=Path("certs"))
     dev.set_defaults(handler=_certs_dev)
+    ctl.add_commands(commands, certs)
 
     demo = commands.add_parser("demo-backend", help="run an HTTP echo server to forward to")
     demo.add_argument("--host", default="127.0.0.1")
@@ -70,12 +71,20 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from alb_proxy.config.load import load_config
+    from alb_proxy.control.snapshot import build_snapshot
     from alb_proxy.daemon import Daemon, RunOptions
     from alb_proxy.observability.log import setup_logging
+    from alb_proxy.observability.metrics import Metrics
+    from alb_proxy.upstream.pool import ConnectionPool
 
     setup_logging(args.log_level)
     try:
         config = load_config(args.config)
+        if args.check:
+            # Everything a start would check, without touching the state store.
+            build_snapshot(config, ConnectionPool(), Metrics())
+            print(f"{args.config}: ok")
+            return 0
         daemon = Daemon(
             config,
             args.config,
@@ -92,9 +101,6 @@ def _run(args: argparse.Namespace) -> int:
     except AlbError as exc:
         print(f"alb-proxy: {args.config}: refused: {exc}", file=sys.stderr)
         return 2
-    if args.check:
-        print(f"{args.config}: ok")
-        return 0
     import uvloop
 
     try:
