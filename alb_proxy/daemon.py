@@ -22,6 +22,7 @@ import secrets
 import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ from alb_proxy.control.api import AdminApi
 from alb_proxy.control.plane import ControlPlane
 from alb_proxy.control.snapshot import Snapshot, build_snapshot
 from alb_proxy.control.store import Store, write_atomic
+from alb_proxy.control.views import expiring_in_use
 from alb_proxy.errors import AlbError, ConfigError
 from alb_proxy.listeners.tcp import ListenerPlan, TcpListener
 from alb_proxy.observability.log import event
@@ -41,6 +43,7 @@ from alb_proxy.observability.metrics import Metrics
 from alb_proxy.upstream.pool import ConnectionPool
 
 DRAIN_TIMEOUT_S = 30.0
+EXPIRY_CHECK_INTERVAL_S = 12 * 3600
 TOKEN_ENV = "ALB_ADMIN_TOKEN"
 
 
@@ -129,7 +132,9 @@ class Daemon:
             generation=self.snapshot.generation,
         )
         self._notify("ready")
+        watcher = asyncio.ensure_future(self._watch_expiry())
         await stop.wait()
+        watcher.cancel()
         event(logging.INFO, "draining", timeout_s=self.options.drain_timeout)
         self._ready = False
         admin.close()
@@ -171,11 +176,18 @@ class Daemon:
         self._notify("reloaded")
         return True
 
+    async def _watch_expiry(self) -> None:
+        """Tell operators before they are hurt: in-use certificates near expiry, twice a day."""
+        while True:
+            await asyncio.sleep(EXPIRY_CHECK_INTERVAL_S)
+            _warn_expiring(self.snapshot)
+
     async def _publish(self, snapshot: Snapshot) -> None:
         """Swap plans in place where a listener keeps its address; bind or release the rest.
 
         New connections take the new plan; established ones keep the plan they started with.
         """
+        _warn_expiring(snapshot)
         stale = [
             name
             for name, listener in self.listeners.items()
@@ -218,6 +230,17 @@ class Daemon:
             os.write(self.options.ready_fd, (json.dumps(line) + "\n").encode())
         except OSError:
             self.options = dataclasses.replace(self.options, ready_fd=None)  # reader went away
+
+
+def _warn_expiring(snapshot: Snapshot) -> None:
+    for cert_id, users, left in expiring_in_use(snapshot, datetime.now(UTC)):
+        event(
+            logging.WARNING,
+            "certificate expires soon",
+            certificate=cert_id,
+            listeners=",".join(users),
+            days_left=left,
+        )
 
 
 def _sha256(path: Path) -> str:

@@ -121,3 +121,19 @@ def server_group_view(group: ServerGroup) -> dict[str, Any]:
         "scheduler": group.scheduler.value,
         "servers": [{"host": s.host, "port": s.port, "weight": s.weight} for s in group.servers],
     }
+
+
+def expiring_in_use(snapshot: Snapshot, now: datetime) -> list[tuple[str, list[str], int]]:
+    """``(certificate id, listeners using it, days left)`` for certificates in use that expire
+    within :data:`EXPIRY_WARNING_DAYS` (or have expired): what an operator must hear about."""
+    found = []
+    for cert in snapshot.config.certificates:
+        users = certificate_users(snapshot.config, cert.id)
+        server = snapshot.server_certificates.get(cert.id)
+        ca = snapshot.ca_bundles.get(cert.id)
+        not_after = server.not_after if server else ca.not_after if ca else None
+        if users and not_after is not None:
+            left = days_left(not_after, now)
+            if left < EXPIRY_WARNING_DAYS:
+                found.append((cert.id, users, left))
+    return found
