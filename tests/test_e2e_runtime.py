@@ -1,0 +1,513 @@
+"""Runtime changes through the admin API against the real daemon.
+
+After each change a new handshake sees the new state (by fingerprint or alert) while connections
+opened before it carry on; refused changes leave the old state serving; changes survive a
+restart; a burst of changes under load drops nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from certfactory import DAY, NOW, make_ca, make_client, make_server, pem_of, write_pair, write_pem
+from cryptography.hazmat.primitives.serialization import Encoding
+from harness import Backend, Proxy, client_context, fingerprint, served_fingerprint, start_proxy
+
+
+@dataclass
+class Api:
+    port: int
+    token: str
+
+    def call(
+        self, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
+    ) -> tuple[int, dict[str, Any]]:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{path}",
+            data=data,
+            method=method,
+            headers={
+                "Authorization": f"Bearer {self.token}",
+                "Content-Type": "application/json",
+                **(headers or {}),
+            },
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=30) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            with exc:
+                return exc.code, json.loads(exc.read())
+
+    def ok(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
+        status, payload = self.call(method, path, body)
+        assert status in (200, 201), payload
+        return payload
+
+
+def api_of(proxy: Proxy) -> Api:
+    token = (proxy.config_path.parent / "state" / "admin.token").read_text().strip()
+    return Api(proxy.admin_port, token)
+
+
+@dataclass(frozen=True)
+class Pem:
+    cert: str
+    key: str
+    fingerprint: str
+
+
+def server_pem(issuer: Any, names: list[str], **kwargs: Any) -> Pem:
+    leaf = make_server(issuer, names, **kwargs)
+    return Pem(
+        pem_of(leaf).decode(),
+        leaf.key_pem().decode(),
+        fingerprint(leaf.cert.public_bytes(Encoding.DER)),
+    )
+
+
+@pytest.fixture()
+def env(tmp_path: Path, demo_backend: Backend) -> Iterator[tuple[Proxy, Api, Any]]:
+    root = make_ca("runtime root")
+    cert, key = write_pair(tmp_path, "initial", make_server(root, ["site.example.test"]))
+    config = {
+        "instance": {"name": "rt", "edition": "Standard"},
+        "certificates": [{"id": "initial", "kind": "server", "cert": str(cert), "key": str(key)}],
+        "server_groups": [
+            {"id": "sg", "servers": [{"host": "127.0.0.1", "port": demo_backend.port}]}
+        ],
+        "listeners": [
+            {
+                "name": "web",
+                "protocol": "HTTPS",
+                "port": 7443,
+                "bind": "127.0.0.1",
+                "certificates": {"default": "initial"},
+                "default_action": {"forward": "sg"},
+            }
+        ],
+    }
+    proxy = start_proxy(tmp_path, config)
+    try:
+        yield proxy, api_of(proxy), root
+    finally:
+        proxy.stop()
+
+
+def upload(api: Api, name: str, pem: Pem) -> str:
+    payload = api.ok(
+        "POST", "/v1/certificates", {"name": name, "cert_pem": pem.cert, "key_pem": pem.key}
+    )
+    return str(payload["id"])
+
+
+class KeepAlive:
+    """A TLS connection opened before a change, used again after it."""
+
+    def __init__(self, port: int, client: tuple[Path, Path] | None = None) -> None:
+        ctx = client_context()
+        if client:
+            ctx.load_cert_chain(*client)
+        raw = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.sock = ctx.wrap_socket(raw, server_hostname="site.example.test")
+        self.fingerprint = fingerprint(self.sock.getpeercert(binary_form=True) or b"")
+
+    def get(self) -> int:
+        self.sock.sendall(b"GET /ka HTTP/1.1\r\nHost: site.example.test\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection dropped"
+            head += chunk
+        top, rest = head.split(b"\r\n\r\n", 1)
+        length = int(top.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+        while len(rest) < length:
+            rest += self.sock.recv(65536)
+        return int(top.split(b" ")[1])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class SlowUpload(threading.Thread):
+    """A chunked upload that keeps sending while changes happen; checks the backend's hash."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__(daemon=True)
+        self.port = port
+        self.go_on = threading.Event()
+        self.started_sending = threading.Event()
+        self.result: dict[str, Any] = {}
+        self.digest = hashlib.sha256()
+        self.sent = 0
+
+    def run(self) -> None:
+        with (
+            socket.create_connection(("127.0.0.1", self.port), timeout=60) as raw,
+            client_context().wrap_socket(raw, server_hostname="site.example.test") as s,
+        ):
+            s.sendall(b"POST /up HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+            block = b"z" * 65536
+            s.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+            self.digest.update(block)
+            self.sent += len(block)
+            self.started_sending.set()
+            self.go_on.wait(60)
+            for _ in range(16):
+                s.sendall(b"%x\r\n%s\r\n" % (len(block), block))
+                self.digest.update(block)
+                self.sent += len(block)
+            s.sendall(b"0\r\n\r\n")
+            reply = b""
+            while chunk := s.recv(65536):
+                reply += chunk
+                if reply.count(b"}") and reply.rstrip().endswith(b"}"):
+                    break
+            self.result = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+
+
+def test_each_change_applies_to_new_handshakes_and_spares_open_connections(
+    env: tuple[Proxy, Api, Any], tmp_path: Path
+) -> None:
+    proxy, api, root = env
+    port = proxy.port("web")
+    old = KeepAlive(port)
+    upload_thread = SlowUpload(port)
+    upload_thread.start()
+    assert upload_thread.started_sending.wait(30)
+    assert old.get() == 200
+
+    # replace the default certificate
+    new = server_pem(root, ["site.example.test"])
+    new_id = upload(api, "site 2027", new)
+    api.ok("PUT", "/v1/listeners/web/default-certificate", {"certificate_id": new_id})
+    assert served_fingerprint(port, "site.example.test") == new.fingerprint
+    assert old.get() == 200 and old.fingerprint != new.fingerprint
+
+    # add, then delete, an additional certificate
+    extra = server_pem(root, ["api.example.test"])
+    extra_id = upload(api, "api", extra)
+    api.ok("POST", "/v1/listeners/web/additional-certificates", {"certificate_id": extra_id})
+    assert served_fingerprint(port, "api.example.test") == extra.fingerprint
+    api.ok("DELETE", f"/v1/listeners/web/additional-certificates/{extra_id}")
+    assert served_fingerprint(port, "api.example.test") == new.fingerprint
+    assert old.get() == 200
+
+    # enable mutual authentication
+    ca_a, ca_b = make_ca("clients A"), make_ca("clients B")
+    ca_a_id = api.ok(
+        "POST", "/v1/ca-certificates", {"name": "A", "cert_pem": pem_of(ca_a).decode()}
+    )["id"]
+    ca_b_id = api.ok(
+        "POST", "/v1/ca-certificates", {"name": "B", "cert_pem": pem_of(ca_b).decode()}
+    )["id"]
+    client_a = write_pair(tmp_path, "client-a", make_client(ca_a, "alice"))
+    client_b = write_pair(tmp_path, "client-b", make_client(ca_b, "bob"))
+    api.ok(
+        "PUT",
+        "/v1/listeners/web/mutual-authentication",
+        {"enabled": True, "ca_certificates": [ca_a_id]},
+    )
+    assert _request(port) == "TLSV13_ALERT_CERTIFICATE_REQUIRED"
+    assert _request(port, client_a) == "200"
+    assert old.get() == 200  # opened before mTLS: keeps the state it started with
+
+    # replace the CA certificate
+    api.ok("PUT", "/v1/listeners/web/ca-certificates", {"ca_certificates": [ca_b_id]})
+    assert _request(port, client_a) == "TLSV1_ALERT_UNKNOWN_CA"
+    assert _request(port, client_b) == "200"
+
+    # change the security policy: TLS 1.3 allowed before, refused after
+    api.ok("PUT", "/v1/listeners/web/mutual-authentication", {"enabled": False})
+    assert _tls13(port) == "TLSv1.3"
+    api.ok("PUT", "/v1/listeners/web/security-policy", {"policy": "tls_cipher_policy_1_2"})
+    assert _tls13(port) == "alert protocol version"
+
+    # the connections from before every change are still fine
+    assert old.get() == 200
+    upload_thread.go_on.set()
+    upload_thread.join(60)
+    assert upload_thread.result["body_bytes"] == upload_thread.sent
+    assert upload_thread.result["body_sha256"] == upload_thread.digest.hexdigest()
+    old.close()
+
+
+def _request(port: int, client: tuple[Path, Path] | None = None) -> str:
+    ctx = client_context(minimum_version=ssl.TLSVersion.TLSv1_3)
+    if client:
+        ctx.load_cert_chain(*client)
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            ctx.wrap_socket(raw, server_hostname="site.example.test") as s,
+        ):
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            return s.recv(100).split(b" ")[1].decode()
+    except ssl.SSLError as exc:
+        return str(exc.reason)
+
+
+def _tls13(port: int) -> str:
+    done = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-tls1_3"],
+        input="",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if "alert protocol version" in done.stderr:
+        return "alert protocol version"
+    return "TLSv1.3" if "New, TLSv1.3," in done.stdout else done.stdout + done.stderr
+
+
+def test_refused_changes_leave_the_old_state_serving(env: tuple[Proxy, Api, Any]) -> None:
+    proxy, api, root = env
+    port = proxy.port("web")
+    before = served_fingerprint(port, "site.example.test")
+    generation = api.ok("GET", "/v1/config")["generation"]
+    other = server_pem(root, ["x.example.test"])
+    mismatched = server_pem(root, ["y.example.test"])
+    status, body = api.call(
+        "POST",
+        "/v1/certificates",
+        {"name": "bad", "cert_pem": other.cert, "key_pem": mismatched.key},
+    )
+    assert status == 422 and "does not match" in body["error"]["message"]
+    assert mismatched.key.splitlines()[1] not in json.dumps(body)
+    status, body = api.call(
+        "POST", "/v1/ca-certificates", {"name": "not a ca", "cert_pem": other.cert}
+    )
+    assert status == 422 and "not a CA" in body["error"]["message"]
+    status, body = api.call("DELETE", "/v1/certificates/initial")
+    assert status == 409 and "in use by listener(s) web" in body["error"]["message"]
+    status, body = api.call(
+        "PUT", "/v1/listeners/web/default-certificate", {"certificate_id": "nope"}
+    )
+    assert status == 422 and body["error"]["problems"] == [
+        "listeners[web].certificates.default: unknown certificate 'nope'"
+    ]
+    status, body = api.call("PUT", "/v1/listeners/web/security-policy", {"policy": "weak"})
+    assert status == 422
+    status, _ = api.call(
+        "PUT", "/v1/listeners/nope/security-policy", {"policy": "tls_cipher_policy_1_2"}
+    )
+    assert status == 404
+    assert api.ok("GET", "/v1/config")["generation"] == generation
+    assert served_fingerprint(port, "site.example.test") == before
+
+
+def test_mutual_authentication_refused_on_basic_instances(
+    tmp_path: Path, demo_backend: Backend
+) -> None:
+    root = make_ca()
+    cert, key = write_pair(tmp_path, "s", make_server(root, ["s.example.test"]))
+    ca = write_pem(tmp_path / "ca.pem", pem_of(make_ca("clients")))
+    config = {
+        "instance": {"name": "basic", "edition": "Basic"},
+        "certificates": [
+            {"id": "s", "kind": "server", "cert": str(cert), "key": str(key)},
+            {"id": "ca", "kind": "ca", "cert": str(ca)},
+        ],
+        "server_groups": [
+            {"id": "sg", "servers": [{"host": "127.0.0.1", "port": demo_backend.port}]}
+        ],
+        "listeners": [
+            {
+                "name": "web",
+                "protocol": "HTTPS",
+                "port": 7443,
+                "bind": "127.0.0.1",
+                "certificates": {"default": "s"},
+                "default_action": {"forward": "sg"},
+            }
+        ],
+    }
+    proxy = start_proxy(tmp_path, config)
+    try:
+        api = api_of(proxy)
+        status, body = api.call(
+            "PUT",
+            "/v1/listeners/web/mutual-authentication",
+            {"enabled": True, "ca_certificates": ["ca"]},
+        )
+        assert status == 422
+        assert body["error"]["problems"] == [
+            "listeners[web].mutual_authentication: "
+            "mutual authentication is not available on Basic instances"
+        ]
+        assert _request(proxy.port("web")) == "200"
+    finally:
+        assert proxy.stop() == 0
+
+
+def test_changes_survive_a_restart(env: tuple[Proxy, Api, Any], tmp_path: Path) -> None:
+    proxy, api, root = env
+    new = server_pem(root, ["site.example.test"])
+    new_id = upload(api, "site", new)
+    api.ok("PUT", "/v1/listeners/web/default-certificate", {"certificate_id": new_id})
+    generation = api.ok("GET", "/v1/config")["generation"]
+    key_file = tmp_path / "state" / "keys" / f"{new_id}.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert proxy.stop() == 0
+    again = start_proxy(tmp_path, json.loads(json.dumps(_config_of(proxy))))
+    try:
+        assert served_fingerprint(again.port("web"), "site.example.test") == new.fingerprint
+        assert api_of(again).ok("GET", "/v1/config")["generation"] == generation
+        assert "running state from the store" in again.log
+    finally:
+        assert again.stop() == 0
+
+
+def _config_of(proxy: Proxy) -> dict[str, Any]:
+    import yaml
+
+    loaded: dict[str, Any] = yaml.safe_load(proxy.config_path.read_text())
+    return loaded
+
+
+def test_stale_if_match_is_refused(env: tuple[Proxy, Api, Any]) -> None:
+    _, api, _ = env
+    generation = api.ok("GET", "/v1/config")["generation"]
+    api.ok("PUT", "/v1/listeners/web/security-policy", {"policy": "tls_cipher_policy_1_2"})
+    status, body = api.call(
+        "PUT",
+        "/v1/listeners/web/security-policy",
+        {"policy": "tls_cipher_policy_1_0"},
+        headers={"If-Match": f'"{generation}"'},
+    )
+    assert status == 412 and body["error"]["code"] == "precondition_failed"
+
+
+def test_api_needs_the_token_and_refuses_browsers(env: tuple[Proxy, Api, Any]) -> None:
+    _, api, _ = env
+    assert Api(api.port, "wrong").call("GET", "/v1/listeners")[0] == 401
+    assert api.call("GET", "/v1/listeners", headers={"Origin": "http://evil.test"})[0] == 403
+    with urllib.request.urlopen(f"http://127.0.0.1:{api.port}/openapi.json") as resp:
+        doc = json.loads(resp.read())
+    assert "/v1/listeners/{name}/default-certificate" in doc["paths"]
+    listed = api.ok("GET", "/v1/certificates")["certificates"]
+    assert [c["id"] for c in listed] == ["initial"]
+    assert "PRIVATE" not in json.dumps(listed)
+
+
+def test_listener_create_stop_start_delete_binds_and_releases_its_port(
+    env: tuple[Proxy, Api, Any],
+) -> None:
+    proxy, api, _ = env
+    created = api.ok(
+        "POST",
+        "/v1/listeners",
+        {
+            "name": "plain",
+            "protocol": "HTTP",
+            "port": 7080,
+            "bind": "127.0.0.1",
+            "server_group": "sg",
+        },
+    )
+    port = created["listener"]["bound_port"]
+    assert _http_status(port) == 200
+    api.ok("POST", "/v1/listeners/plain/stop")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    port = api.ok("POST", "/v1/listeners/plain/start")["listener"]["bound_port"]
+    assert _http_status(port) == 200
+    api.ok("DELETE", "/v1/listeners/plain")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    assert served_fingerprint(proxy.port("web"), None)  # the other listener is untouched
+
+
+def _http_status(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=10) as resp:
+        return int(resp.status)
+
+
+def test_server_add_remove_weight(env: tuple[Proxy, Api, Any], demo_backend: Backend) -> None:
+    _, api, _ = env
+    address = f"127.0.0.1:{demo_backend.port}"
+    api.ok("POST", "/v1/server-groups/sg/servers", {"host": "127.0.0.1", "port": 9, "weight": 0})
+    groups = api.ok("GET", "/v1/server-groups")["server_groups"]
+    assert groups[0]["servers"][1] == {"host": "127.0.0.1", "port": 9, "weight": 0}
+    api.ok("PATCH", f"/v1/server-groups/sg/servers/{address}", {"weight": 50})
+    api.ok("DELETE", "/v1/server-groups/sg/servers/127.0.0.1:9")
+    groups = api.ok("GET", "/v1/server-groups")["server_groups"]
+    assert groups[0]["servers"] == [{"host": "127.0.0.1", "port": demo_backend.port, "weight": 50}]
+
+
+def test_expiry_is_reported_per_listener(env: tuple[Proxy, Api, Any]) -> None:
+    proxy, api, root = env
+    soon = server_pem(root, ["site.example.test"], not_after=NOW + 10 * DAY)
+    soon_id = upload(api, "soon", soon)
+    api.ok("PUT", "/v1/listeners/web/default-certificate", {"certificate_id": soon_id})
+    view = api.ok("GET", "/v1/listeners/web")
+    assert view["certificate_expiry"][0]["id"] == soon_id
+    assert view["certificate_expiry"][0]["days_left"] in (9, 10)
+    assert f"certificate expires soon certificate={soon_id} listeners=web days_left=" in proxy.log
+
+
+def test_burst_of_changes_under_load_drops_nothing(env: tuple[Proxy, Api, Any]) -> None:
+    proxy, api, root = env
+    port = proxy.port("web")
+    pems = [server_pem(root, ["site.example.test"]) for _ in range(2)]
+    ids = [upload(api, f"c{i}", pem) for i, pem in enumerate(pems)]
+    stop = threading.Event()
+    failures: list[str] = []
+    counts = {"handshakes": 0, "keepalive": 0}
+
+    def new_connections() -> None:
+        while not stop.is_set():
+            try:
+                assert _request(port) == "200"
+                counts["handshakes"] += 1
+            except Exception as exc:
+                failures.append(f"new connection: {exc!r}")
+
+    def keep_alive() -> None:
+        conn = KeepAlive(port)
+        while not stop.is_set():
+            try:
+                assert conn.get() == 200
+                counts["keepalive"] += 1
+            except Exception as exc:
+                failures.append(f"keep-alive: {exc!r}")
+                return
+        conn.close()
+
+    workers = [threading.Thread(target=new_connections) for _ in range(2)]
+    workers.append(threading.Thread(target=keep_alive))
+    for w in workers:
+        w.start()
+    latencies = []
+    try:
+        for i in range(200):
+            started = time.perf_counter()
+            api.ok("PUT", "/v1/listeners/web/default-certificate", {"certificate_id": ids[i % 2]})
+            latencies.append(time.perf_counter() - started)
+    finally:
+        stop.set()
+        for w in workers:
+            w.join(30)
+    assert failures == []
+    assert counts["handshakes"] > 50 and counts["keepalive"] > 50
+    assert served_fingerprint(port, "site.example.test") == pems[199 % 2].fingerprint
+    assert proxy.metric("alb_tls_handshake_failures_total", listener="web", reason="other") == 0
+    latencies.sort()
+    print(
+        f"\nswap latency over 200 changes: p50 {latencies[100] * 1000:.1f} ms, "
+        f"max {latencies[-1] * 1000:.1f} ms; {counts}"
+    )
