@@ -19,6 +19,7 @@ that misbehaves or vanishes only ever loses its own connection.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import hashlib
 import json
@@ -130,6 +131,10 @@ class _DemoConnection:
         if self._conn.they_are_waiting_for_100_continue:
             await self._send(h11.InformationalResponse(status_code=100, headers=[]))
         body_bytes, body_sha256 = await self._read_body()
+        key = _websocket_key(request.headers)
+        if key is not None:
+            await self._websocket_echo(key)
+            return False
         target = urlsplit(request.target.decode("latin-1"))
         try:
             params = _parse_params(target.query)
@@ -162,6 +167,38 @@ class _DemoConnection:
             body = json.dumps(echo).encode() + b"\n"
             await self._respond(request, params.status, b"application/json", body)
         return self._reusable()
+
+    async def _websocket_echo(self, key: bytes) -> None:
+        """Accept the upgrade, then echo every data frame (unmasked, as a server must)."""
+        accept = base64.b64encode(hashlib.sha1(key + _WS_GUID).digest())
+        await self._send(
+            h11.InformationalResponse(
+                status_code=101,
+                headers=[
+                    (b"upgrade", b"websocket"),
+                    (b"connection", b"Upgrade"),
+                    (b"sec-websocket-accept", accept),
+                ],
+            )
+        )
+        buffer = bytearray(self._conn.trailing_data[0])
+        while True:
+            frame = parse_ws_frame(buffer)
+            if frame is None:
+                data = await self._reader.read(CHUNK)
+                if not data:
+                    return
+                buffer += data
+                continue
+            opcode, payload, used = frame
+            del buffer[:used]
+            if opcode == 0x8:  # close: answer it and stop
+                self._writer.write(encode_ws_frame(0x8, payload[:2]))
+                await self._writer.drain()
+                return
+            reply_opcode = 0xA if opcode == 0x9 else opcode  # ping -> pong
+            self._writer.write(encode_ws_frame(reply_opcode, payload))
+            await self._writer.drain()
 
     def _reusable(self) -> bool:
         return self._conn.our_state is h11.DONE and self._conn.their_state is h11.DONE
@@ -218,6 +255,59 @@ class _DemoConnection:
         await self._send(h11.Response(status_code=status, headers=headers, reason=_reason(status)))
         await self._send(h11.Data(data=body))
         await self._send(h11.EndOfMessage())
+
+
+_WS_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+
+def _websocket_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    values = {name: value for name, value in headers}
+    if values.get(b"upgrade", b"").lower() != b"websocket":
+        return None
+    return values.get(b"sec-websocket-key")
+
+
+def encode_ws_frame(opcode: int, payload: bytes, mask: bytes | None = None) -> bytes:
+    """One final WebSocket frame; clients pass a 4-byte ``mask``, servers none."""
+    head = bytearray([0x80 | opcode])
+    bit = 0x80 if mask else 0
+    size = len(payload)
+    if size < 126:
+        head.append(bit | size)
+    elif size < 1 << 16:
+        head += bytes([bit | 126]) + size.to_bytes(2, "big")
+    else:
+        head += bytes([bit | 127]) + size.to_bytes(8, "big")
+    if mask:
+        head += mask
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return bytes(head) + payload
+
+
+def parse_ws_frame(buffer: bytes | bytearray) -> tuple[int, bytes, int] | None:
+    """``(opcode, unmasked payload, bytes used)``, or None until the frame is complete."""
+    if len(buffer) < 2:
+        return None
+    opcode, masked, size = buffer[0] & 0x0F, buffer[1] & 0x80, buffer[1] & 0x7F
+    offset = 2
+    if size >= 126:
+        width = 2 if size == 126 else 8
+        if len(buffer) < offset + width:
+            return None
+        size = int.from_bytes(buffer[offset : offset + width], "big")
+        offset += width
+    mask = b""
+    if masked:
+        if len(buffer) < offset + 4:
+            return None
+        mask = bytes(buffer[offset : offset + 4])
+        offset += 4
+    if len(buffer) < offset + size:
+        return None
+    payload = bytes(buffer[offset : offset + size])
+    if mask:
+        payload = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))
+    return opcode, payload, offset + size
 
 
 def _reason(status: int) -> bytes:

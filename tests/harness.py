@@ -7,6 +7,7 @@ port on stdout. Logs go to files under the test's ``tmp_path`` and are shown whe
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
@@ -18,6 +19,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,7 +115,11 @@ def _with_defaults(tmp_path: Path, config: dict[str, Any]) -> dict[str, Any]:
     return {"admin": {"listen": "127.0.0.1:9900"}, "state_dir": str(tmp_path / "state"), **config}
 
 
-def start_proxy(tmp_path: Path, config: dict[str, Any]) -> Proxy:
+def start_proxy(
+    tmp_path: Path, config: dict[str, Any], env: Mapping[str, str] | None = None
+) -> Proxy:
+    """``env``: the daemon's whole environment (default: this process's), e.g. to set or
+    leave out ``ALB_ADMIN_TOKEN``."""
     path = write_config(tmp_path, _with_defaults(tmp_path, config))
     log_path = tmp_path / "proxy.log"
     read_fd, write_fd = os.pipe()
@@ -134,6 +140,7 @@ def start_proxy(tmp_path: Path, config: dict[str, Any]) -> Proxy:
             stderr=log,
             pass_fds=(write_fd,),
             cwd=tmp_path,
+            env=None if env is None else dict(env),
         )
     os.close(write_fd)
     try:
@@ -274,3 +281,37 @@ class RecordingBackend:
 
     def close(self) -> None:
         self._sock.close()
+
+
+class WebSocket:
+    """A minimal WebSocket client over an already connected socket (plain or TLS)."""
+
+    def __init__(self, sock: socket.socket, host: str = "ws.example.test") -> None:
+        from alb_proxy.demo_backend import encode_ws_frame, parse_ws_frame
+
+        self._encode, self._parse = encode_ws_frame, parse_ws_frame
+        self.sock = sock
+        key = base64.b64encode(os.urandom(16))
+        sock.sendall(
+            b"GET /ws HTTP/1.1\r\nHost: " + host.encode() + b"\r\nUpgrade: websocket\r\n"
+            b"Connection: Upgrade\r\nSec-WebSocket-Version: 13\r\n"
+            b"Sec-WebSocket-Key: " + key + b"\r\n\r\n"
+        )
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = sock.recv(4096)
+            assert chunk, data
+            data += chunk
+        self.head, rest = data.split(b"\r\n\r\n", 1)
+        self.buffer = bytearray(rest)
+
+    def echo(self, payload: bytes) -> bytes:
+        self.sock.sendall(self._encode(0x2, payload, mask=os.urandom(4)))
+        while (frame := self._parse(self.buffer)) is None:
+            chunk = self.sock.recv(65536)
+            assert chunk, "tunnel closed"
+            self.buffer += chunk
+        opcode, echoed, used = frame
+        del self.buffer[:used]
+        assert opcode == 0x2
+        return echoed

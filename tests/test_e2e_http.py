@@ -354,3 +354,19 @@ def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path, demo_backend: Ba
     assert idle.recv(1) == b""  # the idle connection was closed, not left hanging
     idle.close()
     assert "draining" in p.log and "stopped" in p.log
+
+
+def test_websocket_is_tunnelled_on_http_and_https(proxy: Proxy) -> None:
+    from harness import WebSocket
+
+    with socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=10) as raw:
+        ws = WebSocket(raw)
+        assert ws.head.startswith(b"HTTP/1.1 101 ")
+        assert b"sec-websocket-accept" in ws.head.lower()
+        assert ws.echo(b"hello") == b"hello"
+        assert ws.echo(b"x" * 200_000) == b"x" * 200_000
+        assert proxy.metric("alb_tunnels_active", listener="web") == 1
+    with _https(proxy.port("tls")) as tls:
+        ws = WebSocket(tls)
+        assert ws.head.startswith(b"HTTP/1.1 101 ")
+        assert ws.echo(b"over tls") == b"over tls"

@@ -511,3 +511,25 @@ def test_burst_of_changes_under_load_drops_nothing(env: tuple[Proxy, Api, Any]) 
         f"\nswap latency over 200 changes: p50 {latencies[100] * 1000:.1f} ms, "
         f"max {latencies[-1] * 1000:.1f} ms; {counts}"
     )
+
+
+def test_websocket_survives_a_certificate_replacement(env: tuple[Proxy, Api, Any]) -> None:
+    from harness import WebSocket
+
+    proxy, api, root = env
+    port = proxy.port("web")
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+        client_context().wrap_socket(raw, server_hostname="site.example.test") as tls,
+    ):
+        ws = WebSocket(tls)
+        assert ws.echo(b"before") == b"before"
+        new = server_pem(root, ["site.example.test"])
+        api.ok(
+            "PUT",
+            "/v1/listeners/web/default-certificate",
+            {"certificate_id": upload(api, "new", new)},
+        )
+        assert served_fingerprint(port, "site.example.test") == new.fingerprint
+        api.ok("PUT", "/v1/listeners/web/security-policy", {"policy": "tls_cipher_policy_1_2"})
+        assert ws.echo(b"after") == b"after"

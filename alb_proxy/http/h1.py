@@ -196,6 +196,10 @@ class H1Session:
             port=route.port,
             client_cert_headers=self.client_cert_headers,
         )
+        upgrade = _upgrade_requested(request.headers)
+        if upgrade is not None:
+            # Connection and Upgrade are hop-by-hop; an upgrade is asked for again, hop by hop.
+            headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
         has_body = bool(framing) and not _zero_length(request.headers)
         if b"transfer-encoding" in framing:
             # Transfer-Encoding is hop-by-hop and was dropped; re-frame the body for the backend
@@ -279,6 +283,8 @@ class H1Session:
             await self._abandon(conn, upload)
             raise
         route.metrics.upstream_latency.labels(route.group.id).observe(time.monotonic() - started)
+        if isinstance(response, h11.InformationalResponse):
+            return await self._tunnel(conn, response)
         return await self._relay_response(conn, response, upload)
 
     async def _upload(self, conn: BackendConnection) -> None:
@@ -302,8 +308,9 @@ class H1Session:
 
     async def _response_head(
         self, conn: BackendConnection, upload: asyncio.Task[None] | None
-    ) -> h11.Response:
-        """Wait for the backend's final response head, relaying 1xx responses on the way."""
+    ) -> h11.Response | h11.InformationalResponse:
+        """Wait for the backend's final response head, relaying 1xx responses on the way;
+        a 101 (the backend accepted an upgrade) is returned as is."""
         timeout = self.route.request_timeout
         while True:
             if upload is not None and not upload.done():
@@ -316,9 +323,10 @@ class H1Session:
             else:
                 ev = await conn.next_event(timeout)
             if isinstance(ev, h11.InformationalResponse):
-                if ev.status_code != 101:
-                    self._write(ev)
-                    await self._drain()
+                if ev.status_code == 101:
+                    return ev
+                self._write(ev)
+                await self._drain()
                 continue
             assert isinstance(ev, h11.Response)
             return ev
@@ -383,6 +391,36 @@ class H1Session:
         route.pool.release(conn)
         return True
 
+    async def _tunnel(self, conn: BackendConnection, switch: h11.InformationalResponse) -> bool:
+        """The backend switched protocols (WebSocket): relay bytes both ways until either
+        side closes or both are idle for the listener's idle timeout. Never pooled after."""
+        route = self.route
+        upgrade = dict(switch.headers).get(b"upgrade", b"websocket")
+        headers = response_headers_for_client(switch.headers)
+        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        try:
+            self._write(
+                h11.InformationalResponse(status_code=101, headers=headers, reason=switch.reason)
+            )
+        except h11.LocalProtocolError:
+            conn.close()  # the client never asked for this upgrade
+            await self._send_error(502, "backend switched protocols unasked")
+            return False
+        self.writer.write(conn.h11.trailing_data[0])
+        conn.writer.write(self.h11.trailing_data[0])
+        route.metrics.tunnels_active.labels(route.listener).inc()
+        try:
+            await asyncio.gather(
+                _pump(self.reader, conn.writer, route.idle_timeout),
+                _pump(conn.reader, self.writer, route.idle_timeout),
+            )
+        except (ConnectionError, TimeoutError):
+            pass
+        finally:
+            route.metrics.tunnels_active.labels(route.listener).dec()
+            conn.close()
+        return False
+
     async def _abandon(self, conn: BackendConnection, upload: asyncio.Task[None] | None) -> None:
         conn.close()
         if upload is not None and not upload.done():
@@ -405,6 +443,32 @@ class _StaleConnection(Exception):
 
 
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+
+
+async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: float) -> None:
+    """Copy one direction of a tunnel; at EOF pass the half-close on, or close."""
+    try:
+        while True:
+            async with asyncio.timeout(idle):
+                data = await reader.read(_READ_SIZE)
+            if not data:
+                break
+            writer.write(data)
+            await writer.drain()
+    finally:
+        if writer.can_write_eof() and not writer.is_closing():
+            with contextlib.suppress(OSError):
+                writer.write_eof()
+        else:
+            writer.close()
+
+
+def _upgrade_requested(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
+    """The Upgrade header's value when the client asks to switch protocols."""
+    tokens = {t.strip().lower() for n, v in headers if n == b"connection" for t in v.split(b",")}
+    if b"upgrade" not in tokens:
+        return None
+    return next((v for n, v in headers if n == b"upgrade"), None)
 
 
 def _zero_length(headers: Sequence[tuple[bytes, bytes]]) -> bool:

@@ -45,6 +45,12 @@ class Metrics:
             registry=r,
         )
 
+        self.tunnels_active = Gauge(
+            "alb_tunnels_active",
+            "Upgraded (WebSocket) connections being relayed.",
+            ["listener"],
+            registry=r,
+        )
         self.config_generation = Gauge(
             "alb_config_generation", "Generation of the snapshot being served.", registry=r
         )
