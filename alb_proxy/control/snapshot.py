@@ -20,7 +20,7 @@ from alb_proxy.certs.server import ServerCertificate, load_server_certificate
 from alb_proxy.certs.sni import SniIndex
 from alb_proxy.config.model import CertificateKind, Config, Listener, Protocol
 from alb_proxy.errors import AlbError, ConfigError, Problem
-from alb_proxy.http.h1 import RouteSettings
+from alb_proxy.http.forward import RouteSettings
 from alb_proxy.listeners.tcp import ListenerPlan
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics

@@ -13,7 +13,8 @@ import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from alb_proxy.http.h1 import ConnectionControl, H1Session, RouteSettings
+from alb_proxy.http.forward import RouteSettings
+from alb_proxy.http.h1 import ConnectionControl, H1Session
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 from alb_proxy.tls.clientcert import client_cert_headers

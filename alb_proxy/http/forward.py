@@ -1,0 +1,310 @@
+"""One request forwarded to a server group, whatever protocol the client spoke.
+
+The front-end adapters (HTTP/1.1 over h11, HTTP/3 over aioquic, HTTP/2 over h2) turn a client
+request into a :class:`ForwardRequest` and offer a :class:`Downstream` to answer on; everything
+about the backend lives here once: choosing a server, rewriting headers, the keep-alive pool,
+a safe retry on a stale pooled connection, timeouts (504), unreachable or broken backends (502),
+and streaming bodies both ways with backpressure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import h11
+
+from alb_proxy.http.headers import request_headers_for_backend, response_headers_for_client
+from alb_proxy.observability.log import event
+from alb_proxy.observability.metrics import Metrics
+from alb_proxy.upstream.connection import BackendClosed, BackendConnection
+from alb_proxy.upstream.group import GroupRuntime
+from alb_proxy.upstream.pool import ConnectionPool
+
+Header = tuple[bytes, bytes]
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+
+
+@dataclass(frozen=True)
+class RouteSettings:
+    """What a listener's requests need: where they go and how long to wait."""
+
+    listener: str
+    scheme: str
+    """``http`` or ``https``: the value of X-Forwarded-Proto."""
+    port: int
+    group: GroupRuntime
+    pool: ConnectionPool
+    metrics: Metrics
+    idle_timeout: float
+    request_timeout: float
+    response_headers: tuple[Header, ...] = ()
+    """Added to every response (e.g. Alt-Svc)."""
+
+
+@dataclass(frozen=True)
+class ForwardRequest:
+    method: bytes
+    target: bytes
+    headers: Sequence[Header]
+    """As the client sent them, lowercase names, with ``host`` (HTTP/2 and 3: from
+    ``:authority``)."""
+    has_body: bool
+    client_ip: str
+    client_cert_headers: Sequence[Header] = ()
+    upgrade: bytes | None = None
+    """The ``Upgrade`` value when the client asks to switch protocols (HTTP/1.1 only)."""
+
+
+class ClientGone(Exception):
+    """The client closed or broke its connection (or stream); nothing more can be sent."""
+
+
+class BadRequestBody(Exception):
+    """The client's body broke its framing after the request went to the backend."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class Downstream(Protocol):
+    """The client side of one exchange, as an adapter offers it."""
+
+    async def read_body(self) -> bytes | None:
+        """Next chunk of the request body; None at its end. Raises ClientGone, BadRequestBody."""
+
+    async def send_informational(self, status: int, headers: list[Header]) -> None: ...
+
+    async def send_head(self, status: int, headers: list[Header], reason: bytes) -> None: ...
+
+    async def send_data(self, data: bytes) -> None:
+        """Send and wait until the client side can take more (backpressure)."""
+
+    async def end(self) -> None: ...
+
+    async def send_error(self, status: int, detail: str) -> None:
+        """A short text answer; only valid before ``send_head``."""
+
+    def abort(self) -> None:
+        """Cut the exchange after the head went out: the only honest signal left."""
+
+
+@dataclass
+class Outcome:
+    reusable: bool
+    """The client connection can carry another request."""
+    upgraded: tuple[BackendConnection, h11.InformationalResponse] | None = None
+    """The backend accepted an upgrade: the adapter tunnels over this connection."""
+
+
+class _StaleConnection(Exception):
+    """A reused backend connection died before answering: safe to retry once."""
+
+
+async def forward(request: ForwardRequest, down: Downstream, route: RouteSettings) -> Outcome:
+    backend = route.group.pick(request.client_ip)
+    if backend is None:
+        await _refuse(down, route, 503, f"server group {route.group.id} has no available server")
+        return Outcome(False)
+    headers = request_headers_for_backend(
+        request.headers,
+        client_ip=request.client_ip,
+        proto=route.scheme,
+        port=route.port,
+        client_cert_headers=request.client_cert_headers,
+    )
+    if request.has_body and not any(n == b"content-length" for n, _ in headers):
+        # Framing is hop-by-hop: a body of unknown length goes to the backend chunked.
+        headers.append((b"transfer-encoding", b"chunked"))
+    if request.upgrade is not None:
+        headers += [(b"connection", b"upgrade"), (b"upgrade", request.upgrade)]
+    outgoing = h11.Request(method=request.method, target=request.target, headers=headers)
+    retry_allowed = not request.has_body and request.method in _IDEMPOTENT
+    fresh = False
+    while True:
+        try:
+            conn, reused = await route.pool.acquire(
+                backend.host, backend.port, route.group.connect_timeout, fresh=fresh
+            )
+        except (OSError, TimeoutError) as exc:
+            route.metrics.upstream_errors_total.labels(route.group.id, "connect").inc()
+            event(
+                logging.WARNING,
+                "backend unreachable",
+                group=route.group.id,
+                server=backend.address,
+                error=_describe(exc),
+            )
+            await _refuse(down, route, 502, f"cannot connect to {backend.address}")
+            return Outcome(False)
+        try:
+            return await _exchange(conn, outgoing, request.has_body, down, route)
+        except _StaleConnection:
+            conn.close()
+            if reused and retry_allowed and not fresh:
+                fresh = True
+                continue
+            route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
+            await _refuse(down, route, 502, f"{backend.address} closed the connection")
+            return Outcome(False)
+
+
+async def _refuse(down: Downstream, route: RouteSettings, status: int, detail: str) -> None:
+    route.metrics.requests_total.labels(route.listener, f"{status // 100}xx").inc()
+    await down.send_error(status, detail)
+
+
+async def _exchange(
+    conn: BackendConnection,
+    outgoing: h11.Request,
+    has_body: bool,
+    down: Downstream,
+    route: RouteSettings,
+) -> Outcome:
+    started = time.monotonic()
+    upload: asyncio.Task[None] | None = None
+    try:
+        conn.write(outgoing)
+        if has_body:
+            upload = asyncio.create_task(_upload(conn, down))
+        else:
+            conn.write(h11.EndOfMessage())
+            await conn.writer.drain()
+        response = await _response_head(conn, upload, down, route.request_timeout)
+    except BadRequestBody as exc:
+        await _abandon(conn, upload)
+        await _refuse(down, route, exc.status, exc.detail)
+        return Outcome(False)
+    except TimeoutError:
+        await _abandon(conn, upload)
+        route.metrics.upstream_errors_total.labels(route.group.id, "timeout").inc()
+        await _refuse(down, route, 504, f"{conn.address} did not answer in time")
+        return Outcome(False)
+    except (BackendClosed, ConnectionError) as exc:
+        await _abandon(conn, upload)
+        if conn.bytes_received == 0:
+            raise _StaleConnection() from exc
+        route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
+        await _refuse(down, route, 502, f"{conn.address}: {_describe(exc)}")
+        return Outcome(False)
+    except h11.ProtocolError as exc:
+        await _abandon(conn, upload)
+        route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
+        await _refuse(down, route, 502, f"{conn.address} answered garbage: {exc}")
+        return Outcome(False)
+    except BaseException:
+        await _abandon(conn, upload)
+        raise
+    route.metrics.upstream_latency.labels(route.group.id).observe(time.monotonic() - started)
+    if isinstance(response, h11.InformationalResponse):
+        return Outcome(False, upgraded=(conn, response))
+    return await _relay_response(conn, response, upload, down, route)
+
+
+async def _upload(conn: BackendConnection, down: Downstream) -> None:
+    """Stream the request body to the backend, chunk by chunk."""
+    while (chunk := await down.read_body()) is not None:
+        if chunk:
+            conn.write(h11.Data(data=chunk))
+            await conn.writer.drain()
+    conn.write(h11.EndOfMessage())
+    await conn.writer.drain()
+
+
+async def _response_head(
+    conn: BackendConnection,
+    upload: asyncio.Task[None] | None,
+    down: Downstream,
+    timeout: float,
+) -> h11.Response | h11.InformationalResponse:
+    """Wait for the backend's final response head, relaying 1xx responses on the way;
+    a 101 (the backend accepted an upgrade) is returned as is."""
+    while True:
+        if upload is not None and not upload.done():
+            head = asyncio.ensure_future(conn.next_event(timeout))
+            await asyncio.wait({head, upload}, return_when=asyncio.FIRST_COMPLETED)
+            if upload.done() and upload.exception() is not None and not head.done():
+                head.cancel()
+                upload.result()  # the client went away mid-upload: re-raise it
+            ev = await head
+        else:
+            ev = await conn.next_event(timeout)
+        if isinstance(ev, h11.InformationalResponse):
+            if ev.status_code == 101:
+                return ev
+            await down.send_informational(ev.status_code, list(ev.headers))
+            continue
+        assert isinstance(ev, h11.Response)
+        return ev
+
+
+async def _relay_response(
+    conn: BackendConnection,
+    response: h11.Response,
+    upload: asyncio.Task[None] | None,
+    down: Downstream,
+    route: RouteSettings,
+) -> Outcome:
+    headers = response_headers_for_client(response.headers)
+    headers.extend(route.response_headers)
+    status_class = f"{response.status_code // 100}xx"
+    route.metrics.requests_total.labels(route.listener, status_class).inc()
+    try:
+        await down.send_head(response.status_code, headers, response.reason)
+        while True:
+            ev = await conn.next_event(route.request_timeout)
+            if isinstance(ev, h11.Data):
+                await down.send_data(bytes(ev.data))
+            elif isinstance(ev, h11.EndOfMessage):
+                await down.end()
+                break
+    except (TimeoutError, BackendClosed, ConnectionError, h11.ProtocolError) as exc:
+        route.metrics.upstream_errors_total.labels(route.group.id, "broken_response").inc()
+        event(
+            logging.WARNING,
+            "backend response cut short",
+            group=route.group.id,
+            server=conn.address,
+            error=_describe(exc),
+        )
+        await _abandon(conn, upload)
+        down.abort()
+        raise ClientGone() from exc
+    except BaseException:
+        await _abandon(conn, upload)
+        raise
+    if upload is not None and not upload.done():
+        # Answered before the body was read (e.g. 413): neither side can be reused.
+        await _abandon(conn, upload)
+        return Outcome(False)
+    if upload is not None and upload.exception() is not None:
+        event(
+            logging.WARNING,
+            "request body not forwarded",
+            listener=route.listener,
+            server=conn.address,
+            error=_describe(upload.exception() or Exception()),
+        )
+        conn.close()
+        return Outcome(False)
+    route.pool.release(conn)
+    return Outcome(True)
+
+
+async def _abandon(conn: BackendConnection, upload: asyncio.Task[None] | None) -> None:
+    conn.close()
+    if upload is not None and not upload.done():
+        upload.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await upload
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
