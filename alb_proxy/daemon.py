@@ -37,6 +37,7 @@ from alb_proxy.control.snapshot import Snapshot, build_snapshot
 from alb_proxy.control.store import Store, write_atomic
 from alb_proxy.control.views import expiring_in_use
 from alb_proxy.errors import AlbError, ConfigError
+from alb_proxy.listeners.quic import QuicListener, QuicPlan
 from alb_proxy.listeners.tcp import ListenerPlan, TcpListener
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
@@ -66,7 +67,7 @@ class Daemon:
         snapshot = self._initial_snapshot(file_config)
         self.plane = ControlPlane(self.store, snapshot, self.pool, self.metrics, self._publish)
         self.admin_token = _admin_token(file_config.admin, file_config.state_dir)
-        self.listeners: dict[str, TcpListener] = {}
+        self.listeners: dict[str, TcpListener | QuicListener] = {}
         self._ready = False
         self._port_override = 0 if options.ephemeral_ports else None
         self._admin_port = 0
@@ -186,26 +187,43 @@ class Daemon:
         """Swap plans in place where a listener keeps its address; bind or release the rest.
 
         New connections take the new plan; established ones keep the plan they started with.
+        QUIC listeners go first so HTTPS listeners can advertise their bound port (Alt-Svc).
         """
         _warn_expiring(snapshot)
         stale = [
             name
-            for name, listener in self.listeners.items()
+            for name, running in self.listeners.items()
             if name not in snapshot.plans
-            or _address(listener.plan) != _address(snapshot.plans[name])
+            or _address(running.plan) != _address(snapshot.plans[name])
         ]
         for name in stale:
-            listener = self.listeners.pop(name)
-            listener.stop_accepting()
-            self._in_background(listener.drain(self.options.drain_timeout))
+            gone = self.listeners.pop(name)
+            gone.stop_accepting()
+            self._in_background(gone.drain(self.options.drain_timeout))
             event(logging.INFO, "listener released", listener=name)
-        for name, plan in snapshot.plans.items():
-            if name in self.listeners:
-                self.listeners[name].plan = plan
-            else:
-                listener = TcpListener(plan, self.metrics)
-                await listener.start(port_override=self._port_override)
-                self.listeners[name] = listener
+        quic_first = sorted(snapshot.plans.values(), key=lambda p: not isinstance(p, QuicPlan))
+        for plan in quic_first:
+            if isinstance(plan, ListenerPlan) and plan.quic_upgrade:
+                plan = self._with_alt_svc(plan)
+            running = self.listeners.get(plan.name)
+            if running is not None:
+                running.plan = plan
+                continue
+            listener: TcpListener | QuicListener = (
+                QuicListener(plan, self.metrics)
+                if isinstance(plan, QuicPlan)
+                else TcpListener(plan, self.metrics)
+            )
+            await listener.start(port_override=self._port_override)
+            self.listeners[plan.name] = listener
+
+    def _with_alt_svc(self, plan: ListenerPlan) -> ListenerPlan:
+        quic = self.listeners.get(plan.quic_upgrade or "")
+        if not isinstance(quic, QuicListener):
+            return plan
+        alt_svc = (b"alt-svc", f'h3=":{quic.bound_port}"; ma=86400'.encode())
+        route = replace(plan.route, response_headers=(*plan.route.response_headers, alt_svc))
+        return replace(plan, route=route)
 
     def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(work)
@@ -247,7 +265,7 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _address(plan: ListenerPlan) -> tuple[str, str, int]:
+def _address(plan: ListenerPlan | QuicPlan) -> tuple[str, str, int]:
     return (plan.protocol, plan.bind, plan.port)
 
 

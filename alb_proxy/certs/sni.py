@@ -123,6 +123,18 @@ def normalize(name: str) -> str:
     return name[:-1] if name.endswith(".") else name
 
 
+def covers(pattern: str, name: str) -> bool:
+    """Whether a certificate name (``pattern``, maybe ``*.example.com``) covers ``name`` by
+    the same rules as selection; a wildcard ``name`` is covered only by the same wildcard."""
+    pattern, name = normalize(pattern), normalize(name)
+    if pattern == name:
+        return True
+    if not pattern.startswith("*.") or name.startswith("*."):
+        return False
+    label, _, parent = name.partition(".")
+    return bool(label) and parent == pattern[2:]
+
+
 def _is_host_name(name: str) -> bool:
     """Cheap filter applied alike to certificate names and server names, so an IP literal never
     matches: IPv6 has colons, and IPv4 ends in a numeric label, which no DNS host name does

@@ -11,16 +11,17 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 from alb_proxy.certs.ca import CaBundle, load_ca_bundle
 from alb_proxy.certs.pem import read_pem_file
 from alb_proxy.certs.server import ServerCertificate, load_server_certificate
-from alb_proxy.certs.sni import SniIndex
+from alb_proxy.certs.sni import SniIndex, covers
 from alb_proxy.config.model import CertificateKind, Config, Listener, Protocol
 from alb_proxy.errors import AlbError, ConfigError, Problem
 from alb_proxy.http.forward import RouteSettings
+from alb_proxy.listeners.quic import QuicCertificate, QuicCertificates, QuicPlan
 from alb_proxy.listeners.tcp import ListenerPlan
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
@@ -36,7 +37,7 @@ class Snapshot:
     config: Config
     server_certificates: Mapping[str, ServerCertificate]
     ca_bundles: Mapping[str, CaBundle]
-    plans: Mapping[str, ListenerPlan]
+    plans: Mapping[str, ListenerPlan | QuicPlan]
 
 
 def load_certificates(
@@ -86,20 +87,12 @@ def build_snapshot(
         )
         for g in config.server_groups
     }
-    plans: dict[str, ListenerPlan] = {}
+    plans: dict[str, ListenerPlan | QuicPlan] = {}
     problems: list[Problem] = []
     for listener in config.listeners:
         path = f"listeners[{listener.name}]"
         if not listener.enabled:
             continue  # stopped: configured, validated, not served
-        if listener.protocol is Protocol.QUIC:
-            problems.append(Problem(f"{path}.protocol", "QUIC listeners are not served yet"))
-            continue
-        try:
-            tls = _listener_tls(listener, servers, cas, now)
-        except AlbError as exc:
-            problems.append(Problem(path, str(exc)))
-            continue
         route = RouteSettings(
             listener=listener.name,
             scheme="https" if listener.protocol is Protocol.HTTPS else "http",
@@ -110,6 +103,20 @@ def build_snapshot(
             idle_timeout=listener.idle_timeout_s,
             request_timeout=listener.request_timeout_s,
         )
+        if listener.protocol is Protocol.QUIC:
+            plans[listener.name] = QuicPlan(
+                name=listener.name,
+                bind=listener.bind,
+                port=listener.port,
+                route=replace(route, scheme="https"),
+                certificates=_quic_certificates(listener, servers, now),
+            )
+            continue
+        try:
+            tls = _listener_tls(listener, servers, cas, now)
+        except AlbError as exc:
+            problems.append(Problem(path, str(exc)))
+            continue
         plans[listener.name] = ListenerPlan(
             name=listener.name,
             protocol=listener.protocol.value,
@@ -122,10 +129,60 @@ def build_snapshot(
                 if tls is not None and listener.mutual_authentication.enabled
                 else ()
             ),
+            quic_upgrade=listener.quic_upgrade,
         )
+    problems += _quic_upgrade_coverage(config, servers)
     if problems:
         raise ConfigError(problems)
     return Snapshot(generation, config, servers, cas, plans)
+
+
+def _quic_certificates(
+    listener: Listener, servers: Mapping[str, ServerCertificate], now: datetime
+) -> QuicCertificates:
+    assert listener.certificates is not None  # enforced by the config rules
+    ids = [listener.certificates.default, *listener.certificates.additional]
+    index = SniIndex.build(servers[ids[0]].info, [servers[i].info for i in ids[1:]], now)
+    return QuicCertificates(
+        select_ids=index.select,
+        by_id={
+            i: QuicCertificate(
+                servers[i].leaf, servers[i].chain, servers[i].private_key, servers[i].key_type
+            )
+            for i in ids
+        },
+    )
+
+
+def _quic_upgrade_coverage(
+    config: Config, servers: Mapping[str, ServerCertificate]
+) -> list[Problem]:
+    """A QUIC upgrade must not send clients to a listener that cannot prove the same names."""
+    problems = []
+    for listener in config.listeners:
+        quic = config.listener(listener.quic_upgrade) if listener.quic_upgrade else None
+        if quic is None or listener.certificates is None or quic.certificates is None:
+            continue
+        quic_ids = [quic.certificates.default, *quic.certificates.additional]
+        quic_names = [n for i in quic_ids if i in servers for n in servers[i].dns_names]
+        own_ids = [listener.certificates.default, *listener.certificates.additional]
+        missing = sorted(
+            {
+                name
+                for i in own_ids
+                if i in servers
+                for name in servers[i].dns_names
+                if not any(covers(pattern, name) for pattern in quic_names)
+            }
+        )
+        if missing:
+            problems.append(
+                Problem(
+                    f"listeners[{listener.name}].quic_upgrade",
+                    f"QUIC listener '{quic.name}' has no certificate for {', '.join(missing)}",
+                )
+            )
+    return problems
 
 
 def _listener_tls(

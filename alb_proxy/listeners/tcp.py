@@ -38,6 +38,8 @@ class ListenerPlan:
     handshake_timeout: float = 10.0
     client_cert_headers: tuple[str, ...] = ()
     """With mutual authentication: the ``X-Forwarded-Clientcert-*`` headers to send."""
+    quic_upgrade: str | None = None
+    """QUIC listener advertised with Alt-Svc (its bound port is filled in once it listens)."""
 
 
 class TcpListener:

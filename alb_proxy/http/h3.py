@@ -1,0 +1,263 @@
+"""HTTP/3 front end: one QUIC connection, each request stream forwarded like HTTP/1.1.
+
+aioquic's ``H3Connection`` is sans-I/O: QUIC events in, HTTP/3 events out. This protocol feeds it,
+turns each request stream into a :class:`~alb_proxy.http.forward.ForwardRequest`
+(``:authority`` becomes ``Host``) and answers through a per-stream
+:class:`~alb_proxy.http.forward.Downstream`, so backend handling is the same code as on HTTPS.
+
+Backpressure towards the client: aioquic buffers whatever is sent on a stream until it is
+acknowledged, so a stream waits while more than ``_SEND_HIGH_WATER`` bytes are unacknowledged and
+is woken as acknowledgements arrive (after each datagram). A stream reset by the client cancels
+its exchange and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from http import HTTPStatus
+from typing import Any
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.h3.connection import H3_ALPN, ErrorCode, H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StreamReset
+
+from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
+from alb_proxy.http.h1 import MAX_HEADER_BYTES
+from alb_proxy.observability.log import event
+
+_SEND_HIGH_WATER = 1024 * 1024
+
+SendBuffered = Callable[[QuicConnection, int], int]
+"""How many bytes of a stream aioquic still holds unacknowledged (see quic_internals)."""
+
+
+class H3Protocol(QuicConnectionProtocol):
+    def __init__(
+        self,
+        quic: QuicConnection,
+        *,
+        route: RouteSettings,
+        send_buffered: SendBuffered,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(quic, **kwargs)
+        self.route = route
+        self._send_buffered = send_buffered
+        self.on_closed: Callable[[], None] = lambda: None
+        """Called once when the connection ends (the listener's per-source accounting)."""
+        self._h3: H3Connection | None = None
+        self._streams: dict[int, _Stream] = {}
+        self.client_ip = "-"
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        if self.client_ip == "-":
+            self.client_ip = str(addr[0])
+        super().datagram_received(data, addr)
+        for stream in self._streams.values():
+            stream.maybe_writable()
+
+    def quic_event_received(self, quic_event: QuicEvent) -> None:
+        if isinstance(quic_event, ProtocolNegotiated) and quic_event.alpn_protocol in H3_ALPN:
+            self._h3 = H3Connection(self._quic)
+        elif isinstance(quic_event, StreamReset):
+            stream = self._streams.pop(quic_event.stream_id, None)
+            if stream is not None:
+                stream.cancel()
+        elif isinstance(quic_event, ConnectionTerminated):
+            for stream in self._streams.values():
+                stream.cancel()
+            self._streams.clear()
+            self.on_closed()
+        if self._h3 is not None:
+            for h3_event in self._h3.handle_event(quic_event):
+                self._h3_event(h3_event)
+
+    def _h3_event(self, h3_event: H3Event) -> None:
+        if isinstance(h3_event, HeadersReceived) and h3_event.stream_id not in self._streams:
+            assert self._h3 is not None
+            stream = _Stream(self, self._h3, h3_event.stream_id)
+            self._streams[h3_event.stream_id] = stream
+            stream.start(h3_event.headers, h3_event.stream_ended)
+        elif isinstance(h3_event, DataReceived):
+            found = self._streams.get(h3_event.stream_id)
+            if found is not None:
+                found.feed(h3_event.data, h3_event.stream_ended)
+
+    def stream_done(self, stream_id: int) -> None:
+        self._streams.pop(stream_id, None)
+
+    def send_buffered(self, stream_id: int) -> int:
+        return self._send_buffered(self._quic, stream_id)
+
+    def reset_stream(self, stream_id: int) -> None:
+        self._quic.reset_stream(stream_id, ErrorCode.H3_INTERNAL_ERROR)
+        self.transmit()
+
+
+class _Stream:
+    """One request stream: the Downstream ``forward`` answers through."""
+
+    def __init__(self, protocol: H3Protocol, h3: H3Connection, stream_id: int) -> None:
+        self.protocol = protocol
+        self.h3 = h3
+        self.stream_id = stream_id
+        self.route = protocol.route
+        self._body: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._queued = 0
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._task: asyncio.Task[None] | None = None
+        self._sent_head = False
+        self._cancelled = False
+
+    def start(self, headers: Sequence[tuple[bytes, bytes]], ended: bool) -> None:
+        if ended:
+            self._body.put_nowait(None)
+        self._task = asyncio.ensure_future(self._run(headers, ended))
+
+    def feed(self, data: bytes, ended: bool) -> None:
+        if data:
+            self._queued += len(data)
+            self._body.put_nowait(data)
+        if ended:
+            self._body.put_nowait(None)
+
+    def cancel(self) -> None:
+        self._cancelled = True
+        if self._task is not None and not self._task.done():
+            self._task.cancel()
+
+    def maybe_writable(self) -> None:
+        if not self._writable.is_set() and self._buffered() < _SEND_HIGH_WATER:
+            self._writable.set()
+
+    async def _run(self, raw: Sequence[tuple[bytes, bytes]], ended: bool) -> None:
+        try:
+            request = self._request(raw, ended)
+            if request is None:
+                return
+            await forward(request, self, self.route)
+        except ClientGone:
+            pass
+        except Exception as exc:  # one broken stream must never take the connection down
+            event(
+                logging.ERROR, "http/3 stream error", listener=self.route.listener, error=repr(exc)
+            )
+            self.abort()
+        finally:
+            self.protocol.stream_done(self.stream_id)
+
+    def _request(self, raw: Sequence[tuple[bytes, bytes]], ended: bool) -> ForwardRequest | None:
+        pseudo: dict[bytes, bytes] = {}
+        headers: list[tuple[bytes, bytes]] = []
+        size = 0
+        for name, value in raw:
+            size += len(name) + len(value) + 32
+            if name.startswith(b":"):
+                pseudo[name] = value
+            elif name != b"host":
+                headers.append((name, value))
+        if size > MAX_HEADER_BYTES:
+            self._answer_sync(431, "header section too large")
+            return None
+        method, path = pseudo.get(b":method"), pseudo.get(b":path")
+        authority = pseudo.get(b":authority") or dict(raw).get(b"host")
+        if not method or not path or not authority or method == b"CONNECT":
+            self._answer_sync(400, "missing or unsupported pseudo-headers")
+            return None
+        headers.insert(0, (b"host", authority))
+        declared = dict(headers).get(b"content-length", b"").strip()
+        has_body = not ended and declared != b"0"
+        return ForwardRequest(
+            method=method,
+            target=path,
+            headers=headers,
+            has_body=has_body,
+            client_ip=self.protocol.client_ip,
+        )
+
+    # -- Downstream ---------------------------------------------------------------------------
+
+    async def read_body(self) -> bytes | None:
+        try:
+            async with asyncio.timeout(self.route.idle_timeout):
+                chunk = await self._body.get()
+        except TimeoutError as exc:
+            raise ClientGone() from exc
+        if chunk is not None:
+            self._queued -= len(chunk)
+        return chunk
+
+    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        pass  # 1xx are hop-by-hop; HTTP/3 clients do not wait for 100-continue here
+
+    async def send_head(
+        self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes
+    ) -> None:
+        self._check()
+        self.h3.send_headers(self.stream_id, [(b":status", str(status).encode()), *headers])
+        self._sent_head = True
+        self.protocol.transmit()
+
+    async def send_data(self, data: bytes) -> None:
+        self._check()
+        self.h3.send_data(self.stream_id, data, end_stream=False)
+        self.protocol.transmit()
+        if self._buffered() >= _SEND_HIGH_WATER:
+            self._writable.clear()
+            try:
+                async with asyncio.timeout(self.route.idle_timeout):
+                    await self._writable.wait()
+            except TimeoutError as exc:
+                self.abort()
+                raise ClientGone() from exc
+
+    async def end(self) -> None:
+        self._check()
+        self.h3.send_data(self.stream_id, b"", end_stream=True)
+        self.protocol.transmit()
+
+    async def send_error(self, status: int, detail: str) -> None:
+        if status >= 500:
+            event(
+                logging.INFO,
+                "request refused",
+                listener=self.route.listener,
+                client=self.protocol.client_ip,
+                status=status,
+                detail=detail,
+            )
+        self._answer_sync(status, detail)
+
+    def abort(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            self.protocol.reset_stream(self.stream_id)
+
+    def _answer_sync(self, status: int, detail: str) -> None:
+        if self._cancelled or self._sent_head:
+            return
+        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        body = f"{status} {phrase}\n".encode()
+        self.h3.send_headers(
+            self.stream_id,
+            [
+                (b":status", str(status).encode()),
+                (b"content-type", b"text/plain; charset=utf-8"),
+                (b"content-length", str(len(body)).encode()),
+            ],
+        )
+        self.h3.send_data(self.stream_id, body, end_stream=True)
+        self._sent_head = True
+        self.protocol.transmit()
+
+    def _buffered(self) -> int:
+        return self.protocol.send_buffered(self.stream_id)
+
+    def _check(self) -> None:
+        if self._cancelled:
+            raise ClientGone()

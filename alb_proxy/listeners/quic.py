@@ -1,0 +1,185 @@
+"""QUIC listeners: HTTP/3 over UDP with aioquic, certificates chosen per connection by SNI.
+
+Like the TCP listener, each new connection takes the listener's plan current when its first
+packet arrives (certificates, route) and keeps it; a runtime change reaches new connections
+only. One SNI index serves HTTPS and QUIC alike (built by the control plane); this module only
+turns its answer into aioquic's certificate objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
+from aioquic.h3.connection import H3_ALPN
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
+from aioquic.tls import CipherSuite
+
+from alb_proxy.http.forward import RouteSettings
+from alb_proxy.http.h3 import H3Protocol
+from alb_proxy.listeners.quic_internals import install_sni_hook, stream_send_buffered
+from alb_proxy.observability.log import event
+from alb_proxy.observability.metrics import Metrics
+
+MAX_CONNECTIONS_PER_SOURCE = 256
+"""New QUIC connections from one address beyond this are dropped (Initial flood guard)."""
+
+QUIC_CIPHER_SUITES = (
+    CipherSuite.AES_128_GCM_SHA256,
+    CipherSuite.AES_256_GCM_SHA384,
+    CipherSuite.CHACHA20_POLY1305_SHA256,
+)
+"""The TLS 1.3 suites of our policies that aioquic implements (not the CCM ones)."""
+
+_ECDSA_SIGALGS = frozenset({0x0403, 0x0503, 0x0603})
+
+
+@dataclass(frozen=True)
+class QuicCertificate:
+    certificate: Any
+    """``cryptography`` x509.Certificate (the leaf)."""
+    chain: tuple[Any, ...]
+    private_key: Any
+    key_type: str
+
+
+@dataclass(frozen=True)
+class QuicCertificates:
+    """Per handshake: the SNI group for the name, then the certificate the client can verify."""
+
+    select_ids: Callable[[str | None], tuple[str, ...]]
+    by_id: Mapping[str, QuicCertificate]
+
+    def choose(self, server_name: str | None, sigalgs: Sequence[int]) -> tuple[Any, Any, Any]:
+        group = [self.by_id[cert_id] for cert_id in self.select_ids(server_name)]
+        wants_ec = any(alg in _ECDSA_SIGALGS for alg in sigalgs)
+        chosen = next((c for c in group if (c.key_type == "EC") == wants_ec), group[0])
+        return chosen.certificate, chosen.chain, chosen.private_key
+
+
+@dataclass(frozen=True)
+class QuicPlan:
+    name: str
+    bind: str
+    port: int
+    route: RouteSettings
+    certificates: QuicCertificates
+    protocol: str = "QUIC"
+
+
+class QuicListener:
+    def __init__(self, plan: QuicPlan, metrics: Metrics) -> None:
+        self.plan = plan
+        self.metrics = metrics
+        self._transport: asyncio.DatagramTransport | None = None
+        self._server: _GuardedServer | None = None
+
+    @property
+    def name(self) -> str:
+        return self.plan.name
+
+    @property
+    def bound_port(self) -> int:
+        assert self._transport is not None
+        port: int = self._transport.get_extra_info("sockname")[1]
+        return port
+
+    async def start(self, port_override: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        default = self.plan.certificates.choose(None, (0x0403,))
+        configuration = QuicConfiguration(
+            is_client=False,
+            alpn_protocols=H3_ALPN,
+            idle_timeout=self.plan.route.idle_timeout,
+            cipher_suites=list(QUIC_CIPHER_SUITES),
+            max_datagram_frame_size=None,
+        )
+        # aioquic wants one certificate up front; the SNI hook replaces it per connection.
+        configuration.certificate, chain, configuration.private_key = default
+        configuration.certificate_chain = list(chain)
+        port = self.plan.port if port_override is None else port_override
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _GuardedServer(configuration=configuration, create_protocol=self._connect),
+            local_addr=(self.plan.bind, port),
+            family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
+        )
+        self._transport = transport
+        assert isinstance(protocol, _GuardedServer)
+        self._server = protocol
+        event(
+            logging.INFO,
+            "listening",
+            listener=self.name,
+            protocol="QUIC",
+            address=f"{self.plan.bind}:{self.bound_port}/udp",
+        )
+
+    def _connect(self, connection: QuicConnection, **kwargs: Any) -> H3Protocol:
+        plan = self.plan  # the snapshot this connection keeps for its life
+        install_sni_hook(connection, plan.certificates.choose)
+        self.metrics.connections_total.labels(plan.name).inc()
+        server = self._server
+        assert server is not None
+        protocol = H3Protocol(
+            connection, route=plan.route, send_buffered=stream_send_buffered, **kwargs
+        )
+        protocol.on_closed = lambda: server.forget(protocol)
+        server.created = protocol
+        return protocol
+
+    def stop_accepting(self) -> None:
+        """Close the UDP socket: QUIC connections cannot outlive their socket."""
+        if self._server is not None:
+            self._server.close()
+        if self._transport is not None:
+            self._transport.close()
+
+    async def drain(self, timeout: float) -> None:
+        self.stop_accepting()
+
+
+class _GuardedServer(QuicServer):
+    """aioquic's server, plus a cap on concurrent connections per source address."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._per_source: Counter[str] = Counter()
+        self._sources: dict[int, str] = {}
+        self.created: H3Protocol | None = None
+        """Set by the protocol factory while ``datagram_received`` runs."""
+
+    def datagram_received(self, data: bytes | str, addr: Any) -> None:
+        source = str(addr[0])
+        if self._per_source[source] >= MAX_CONNECTIONS_PER_SOURCE and _is_initial(data):
+            return
+        self.created = None
+        super().datagram_received(data, addr)
+        if self.created is not None:
+            self._sources[id(self.created)] = source
+            self._per_source[source] += 1
+            self.created = None
+
+    def forget(self, protocol: object) -> None:
+        source = self._sources.pop(id(protocol), None)
+        if source is not None:
+            self._per_source[source] -= 1
+            if self._per_source[source] <= 0:
+                del self._per_source[source]
+
+
+def _is_initial(data: bytes | str) -> bool:
+    try:
+        raw = data if isinstance(data, bytes) else data.encode()
+        header = pull_quic_header(Buffer(data=raw), host_cid_length=8)
+    except ValueError:
+        return False
+    return header.packet_type == QuicPacketType.INITIAL
