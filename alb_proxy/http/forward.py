@@ -28,6 +28,9 @@ from alb_proxy.upstream.pool import ConnectionPool
 
 Header = tuple[bytes, bytes]
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
+_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+MAX_INFORMATIONAL = 16
+"""1xx responses relayed per request; a backend sending more is broken (502)."""
 
 
 @dataclass(frozen=True)
@@ -205,6 +208,15 @@ async def _exchange(
     route.metrics.upstream_latency.labels(route.group.id).observe(time.monotonic() - started)
     if isinstance(response, h11.InformationalResponse):
         return Outcome(False, upgraded=(conn, response))
+    framing = {name for name, _ in response.headers if name in _FRAMING}
+    if len(framing) == 2:
+        # Ambiguous framing from the backend: relaying it could desynchronise the client.
+        await _abandon(conn, upload)
+        route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
+        await _refuse(
+            down, route, 502, f"{conn.address} sent both Content-Length and Transfer-Encoding"
+        )
+        return Outcome(False)
     return await _relay_response(conn, response, upload, down, route)
 
 
@@ -226,6 +238,7 @@ async def _response_head(
 ) -> h11.Response | h11.InformationalResponse:
     """Wait for the backend's final response head, relaying 1xx responses on the way;
     a 101 (the backend accepted an upgrade) is returned as is."""
+    informational = 0
     while True:
         if upload is not None and not upload.done():
             head = asyncio.ensure_future(conn.next_event(timeout))
@@ -239,6 +252,9 @@ async def _response_head(
         if isinstance(ev, h11.InformationalResponse):
             if ev.status_code == 101:
                 return ev
+            informational += 1
+            if informational > MAX_INFORMATIONAL:
+                raise h11.RemoteProtocolError(f"more than {MAX_INFORMATIONAL} 1xx responses")
             await down.send_informational(ev.status_code, list(ev.headers))
             continue
         assert isinstance(ev, h11.Response)

@@ -25,7 +25,7 @@ class ConnectionPool:
             idle = self._idle.get(f"{host}:{port}")
             while idle:
                 conn = idle.pop()  # most recently used first: least likely to have timed out
-                if not conn.stale:
+                if await conn.unpark():
                     return conn, True
                 conn.close()
         return await BackendConnection.open(host, port, connect_timeout), False
@@ -38,6 +38,7 @@ class ConnectionPool:
         idle = self._idle.setdefault(conn.address, deque())
         if len(idle) >= self._max_idle:
             idle.popleft().close()
+        conn.park()
         idle.append(conn)
 
     def idle_count(self, address: str) -> int:
