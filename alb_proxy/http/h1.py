@@ -78,7 +78,10 @@ class H1Session:
         if self.control.draining:
             return False
         try:
-            request = await self._next_event(self.route.idle_timeout)
+            # One deadline for the whole head: a client trickling a byte at a time cannot
+            # hold the connection past the idle timeout.
+            async with asyncio.timeout(self.route.idle_timeout):
+                request = await self._next_event(None)
         except TimeoutError:
             return False
         except h11.RemoteProtocolError as exc:
@@ -133,7 +136,7 @@ class H1Session:
 
     # -- reading the client -------------------------------------------------------------------
 
-    async def _next_event(self, timeout: float) -> h11.Event:
+    async def _next_event(self, timeout: float | None) -> h11.Event:
         while True:
             ev = self.h11.next_event()
             if ev is h11.NEED_DATA:
@@ -142,6 +145,10 @@ class H1Session:
                         data = await self.reader.read(_READ_SIZE)
                 except ConnectionError as exc:
                     raise ClientGone() from exc
+                if data:
+                    self.control.busy = True  # a request has begun: a drain lets it finish
+                elif self.control.draining or self.writer.is_closing():
+                    raise ClientGone()  # closed by us (drain), not by the client
                 self.h11.receive_data(data)
                 continue
             if ev is h11.PAUSED:
@@ -157,6 +164,8 @@ class H1Session:
         except TimeoutError as exc:
             raise ClientGone() from exc  # stalled mid-body: give up on this client
         except h11.RemoteProtocolError as exc:
+            if self.reader.at_eof():
+                raise ClientGone() from exc  # the client left mid-body: nobody to answer
             raise BadRequestBody(exc.error_status_hint, str(exc)) from exc
         if isinstance(ev, h11.Data):
             return bytes(ev.data)
@@ -189,6 +198,8 @@ class H1Session:
 
     async def send_error(self, status: int, detail: str) -> None:
         """Answer with a short text error and mark the connection for closing."""
+        if self.writer.is_closing():
+            raise ClientGone()
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self.abort()
             raise ClientGone()

@@ -128,12 +128,22 @@ class TcpListener:
             if not control.busy:
                 writer.close()  # idle keep-alive connection: nothing to finish
         tasks = list(self._sessions)
-        if tasks:
-            _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if not tasks:
+            return
+        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        if pending:
+            # Out of time: cut what remains; each session ends on its broken connection.
+            event(
+                logging.WARNING,
+                "drain timeout: connections cut",
+                listener=self.name,
+                connections=len(pending),
+            )
             for task in pending:
-                task.cancel()
-            if pending:
-                await asyncio.wait(pending, timeout=1.0)
+                session = self._sessions.get(task)
+                if session is not None:
+                    session[1].transport.abort()
+            await asyncio.wait(pending, timeout=5.0)
 
 
 class _SessionProtocol(asyncio.StreamReaderProtocol):
