@@ -9,6 +9,7 @@ concerns. Checks that need the files (a private key matches its certificate) bel
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Collection, Iterable, Iterator, Sequence
 
 from alb_proxy.config.model import (
@@ -107,11 +108,22 @@ def _check_admin(listen: str) -> Iterator[Problem]:
         address = _ip_address(host[1:-1])
         valid_host = address is not None and address.version == 6
     else:
-        valid_host = bool(host) and ":" not in host
+        valid_host = ":" not in host and _is_host(host)
     if not (sep and valid_host):
         yield Problem("admin.listen", f"expected host:port (IPv6 as [::1]:9900), got {listen!r}")
     elif not (port.isascii() and port.isdigit() and len(port) <= 5 and 1 <= int(port) <= 65535):
         yield Problem("admin.listen", f"port must be between 1 and 65535, got {port!r}")
+
+
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)")
+
+
+def _is_host(host: str) -> bool:
+    """An IP literal or an RFC 1123 host name (what a resolver can be asked about)."""
+    if _ip_address(host) is not None:
+        return True
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    return len(host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
 
 
 def _check_certificate(path: str, cert: Certificate) -> Iterator[Problem]:
@@ -134,6 +146,10 @@ def _check_server_group(path: str, group: ServerGroup) -> Iterator[Problem]:
     seen: set[str] = set()
     for i, server in enumerate(group.servers):
         yield from _blank(f"{path}.servers[{i}].host", server.host)
+        if server.host.strip() and not _is_host(server.host):
+            yield Problem(
+                f"{path}.servers[{i}].host", f"not an IP address or host name: {server.host!r}"
+            )
         yield from _between(f"{path}.servers[{i}].port", server.port, 1, 65535)
         yield from _between(f"{path}.servers[{i}].weight", server.weight, 0, 100)
         if server.address in seen:

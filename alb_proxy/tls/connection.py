@@ -189,8 +189,8 @@ class TlsServerProtocol(asyncio.Protocol):
         except ssl.SSLError as exc:
             self._flush()  # the alert OpenSSL queued goes out before we close
             reason, detail = classify_ssl_error(exc)
-            if parse_error is not None and reason == "other":
-                reason, detail = "bad_client_hello", parse_error
+            if parse_error is not None:
+                reason, detail = "bad_client_hello", parse_error  # our parser's words are clearer
             self._fail(reason, detail)
             return
         self._flush()

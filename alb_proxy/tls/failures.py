@@ -11,7 +11,7 @@ import ssl
 # OpenSSL reason codes (``SSLError.reason``) -> our label.
 _REASONS = {
     "UNSUPPORTED_PROTOCOL": "protocol_version",
-    "WRONG_VERSION_NUMBER": "protocol_version",
+    "WRONG_VERSION_NUMBER": "bad_client_hello",  # garbage, not an old client
     "TLSV1_ALERT_PROTOCOL_VERSION": "protocol_version",
     "VERSION_TOO_LOW": "protocol_version",
     "VERSION_TOO_HIGH": "protocol_version",
@@ -39,6 +39,10 @@ _REASONS = {
     "BAD_PACKET_LENGTH": "bad_client_hello",
     "BAD_EXTENSION": "bad_client_hello",
     "PARSE_TLSEXT": "bad_client_hello",
+    "BAD_KEY_SHARE": "bad_client_hello",
+    "MISSING_SIGALGS_EXTENSION": "bad_client_hello",
+    "BAD_LEGACY_VERSION": "bad_client_hello",
+    "UNKNOWN_PROTOCOL": "bad_client_hello",
 }
 
 # X509 verify result codes (``SSLCertVerificationError.verify_code``) -> our label.
