@@ -245,8 +245,15 @@ class RecordingBackend:
     """A raw TCP backend that records every byte it receives and answers each request head
     with ``answer`` (default: a tiny 200). Proves what did or did not reach a backend."""
 
-    def __init__(self, answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok") -> None:
+    def __init__(
+        self,
+        answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        *,
+        close_after_answer: bool = False,
+    ) -> None:
         self.answer = answer
+        self.close_after_answer = close_after_answer
+        self.connections = 0
         self.received = bytearray()
         self._lock = threading.Lock()
         self._sock = socket.create_server(("127.0.0.1", 0))
@@ -260,6 +267,7 @@ class RecordingBackend:
                 conn, _ = self._sock.accept()
             except OSError:
                 return
+            self.connections += 1
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
@@ -278,6 +286,8 @@ class RecordingBackend:
                 while b"\r\n\r\n" in buffer:
                     _, buffer = buffer.split(b"\r\n\r\n", 1)
                     conn.sendall(self.answer)
+                    if self.close_after_answer:
+                        return
 
     def close(self) -> None:
         self._sock.close()

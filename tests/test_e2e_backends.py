@@ -1,0 +1,144 @@
+"""Misbehaving backends and clients: nothing one of them does may reach another client.
+
+Regression tests for what a break-it session found: bytes past a response end on a pooled
+connection, backends closing idle connections, ambiguous response framing, HTTP/1.0 clients,
+a client trickling its request head, clients leaving mid-upload.
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness import Backend, Proxy, RecordingBackend, start_proxy
+
+
+def _group(gid: str, port: int) -> dict[str, Any]:
+    return {"id": gid, "servers": [{"host": "127.0.0.1", "port": port}]}
+
+
+def _listener(name: str, port: int, sg: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": name,
+        "protocol": "HTTP",
+        "port": port,
+        "bind": "127.0.0.1",
+        "default_action": {"forward": sg},
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def backends() -> Iterator[dict[str, RecordingBackend]]:
+    made = {
+        # 2-byte body announced, 13 bytes sent: the rest must never reach the next client.
+        "overflow": RecordingBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTOLEN-BYTES"),
+        # Closes every connection after answering, without saying so.
+        "closer": RecordingBackend(close_after_answer=True),
+        "ambiguous": RecordingBackend(
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
+        ),
+    }
+    yield made
+    for backend in made.values():
+        backend.close()
+
+
+@pytest.fixture(scope="module")
+def proxy(
+    backends: dict[str, RecordingBackend],
+    demo_backend: Backend,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Proxy]:
+    config = {
+        "instance": {"name": "b"},
+        "server_groups": [_group(name, b.port) for name, b in backends.items()]
+        + [_group("demo", demo_backend.port)],
+        "listeners": [_listener(name, 9100 + i, name) for i, name in enumerate(backends)]
+        + [_listener("demo", 9110, "demo"), _listener("slow", 9111, "demo", idle_timeout_s=1)],
+    }
+    p = start_proxy(tmp_path_factory.mktemp("backends"), config)
+    yield p
+    assert p.stop() == 0
+    assert "Traceback" not in p.log and "connection error" not in p.log
+
+
+def _get(port: int, *extra: str) -> tuple[str, str]:
+    done = subprocess.run(
+        ["curl", "-sS", "-w", "\n%{http_code}", *extra, f"http://127.0.0.1:{port}/"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    body, _, status = done.stdout.rpartition("\n")
+    return status, body
+
+
+def test_bytes_past_a_response_never_reach_the_next_client(proxy: Proxy) -> None:
+    port = proxy.port("overflow")
+    assert [_get(port) for _ in range(6)] == [("200", "ok")] * 6
+
+
+def test_backend_closing_idle_connections_costs_no_request(
+    proxy: Proxy, backends: dict[str, RecordingBackend]
+) -> None:
+    port = proxy.port("closer")
+    before = backends["closer"].connections
+    assert [_get(port)[0] for _ in range(10)] == ["200"] * 10
+    assert backends["closer"].connections - before == 10  # a fresh connection each time
+
+
+def test_ambiguous_response_framing_is_a_502(proxy: Proxy) -> None:
+    assert _get(proxy.port("ambiguous"))[0] == "502"
+
+
+def test_http_1_0_clients_are_served(proxy: Proxy) -> None:
+    status, body = _get(proxy.port("demo"), "-0")
+    assert status == "200" and '"method": "GET"' in body
+
+
+def test_a_trickled_request_head_is_cut_at_the_idle_timeout(proxy: Proxy) -> None:
+    payload = iter(b"GET / HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 100)
+    with socket.create_connection(("127.0.0.1", proxy.port("slow")), timeout=10) as s:
+        started = time.monotonic()
+        while time.monotonic() - started < 5:
+            # The attacker's pace: one byte per 100 ms, until the proxy closes on it.
+            readable, _, _ = select.select([s], [], [], 0.1)
+            if readable:
+                break
+            s.sendall(bytes([next(payload)]))
+        closed_after = time.monotonic() - started
+        assert s.recv(100) in (b"", b"HTTP/1.1 408")  # closed, never answered as a request
+    assert 0.9 < closed_after < 3
+
+
+def test_client_leaving_mid_upload_is_not_counted_as_an_answer(proxy: Proxy) -> None:
+    before = proxy.metric("alb_http_requests_total", listener="demo", code="4xx")
+    with socket.create_connection(("127.0.0.1", proxy.port("demo")), timeout=10) as s:
+        s.sendall(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\npartial")
+    assert _get(proxy.port("demo"))[0] == "200"
+    assert proxy.metric("alb_http_requests_total", listener="demo", code="4xx") == before
+
+
+def test_drain_with_a_half_sent_request_logs_no_error(
+    tmp_path: Path, demo_backend: Backend
+) -> None:
+    config = {
+        "instance": {"name": "d"},
+        "server_groups": [_group("demo", demo_backend.port)],
+        "listeners": [_listener("web", 9120, "demo", idle_timeout_s=2)],
+    }
+    p = start_proxy(tmp_path, config)
+    with socket.create_connection(("127.0.0.1", p.port("web")), timeout=10) as s:
+        s.sendall(b"GET / HTTP/1.1\r\nHost: a\r\n")
+        while p.metric("alb_connections_active", listener="web") < 1:
+            pass
+        assert p.stop() == 0
+    assert "connection error" not in p.log and "Traceback" not in p.log
