@@ -122,7 +122,12 @@ class Daemon:
         host, _, port = config.admin.listen.rpartition(":")
         api = AdminApi(self, self.admin_token)
         admin = AdminServer(host.strip("[]"), int(port), api)
-        await admin.start(port_override=self._port_override)
+        try:
+            await admin.start(port_override=self._port_override)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"admin.listen {config.admin.listen}: {exc.strerror or exc}"
+            ) from exc
         self._admin_port = admin.bound_port
         self._ready = True
         event(
@@ -196,26 +201,34 @@ class Daemon:
             if name not in snapshot.plans
             or _address(running.plan) != _address(snapshot.plans[name])
         ]
+        # Bind what is new first: if a port is taken, nothing has changed yet.
+        quic_first = sorted(snapshot.plans.values(), key=lambda p: not isinstance(p, QuicPlan))
+        started: dict[str, TcpListener | QuicListener] = {}
+        try:
+            for plan in quic_first:
+                if plan.name in self.listeners and plan.name not in stale:
+                    continue
+                listener: TcpListener | QuicListener = (
+                    QuicListener(plan, self.metrics)
+                    if isinstance(plan, QuicPlan)
+                    else TcpListener(plan, self.metrics)
+                )
+                await listener.start(port_override=self._port_override)
+                started[plan.name] = listener
+        except OSError:
+            for listener in started.values():
+                listener.stop_accepting()
+            raise
         for name in stale:
             gone = self.listeners.pop(name)
             gone.stop_accepting()
             self._in_background(gone.drain(self.options.drain_timeout))
             event(logging.INFO, "listener released", listener=name)
-        quic_first = sorted(snapshot.plans.values(), key=lambda p: not isinstance(p, QuicPlan))
+        self.listeners.update(started)
         for plan in quic_first:
             if isinstance(plan, ListenerPlan) and plan.quic_upgrade:
                 plan = self._with_alt_svc(plan)
-            running = self.listeners.get(plan.name)
-            if running is not None:
-                running.plan = plan
-                continue
-            listener: TcpListener | QuicListener = (
-                QuicListener(plan, self.metrics)
-                if isinstance(plan, QuicPlan)
-                else TcpListener(plan, self.metrics)
-            )
-            await listener.start(port_override=self._port_override)
-            self.listeners[plan.name] = listener
+            self.listeners[plan.name].plan = plan  # new connections only
 
     def _with_alt_svc(self, plan: ListenerPlan) -> ListenerPlan:
         quic = self.listeners.get(plan.quic_upgrade or "")

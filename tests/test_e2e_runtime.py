@@ -533,3 +533,26 @@ def test_websocket_survives_a_certificate_replacement(env: tuple[Proxy, Api, Any
         assert served_fingerprint(port, "site.example.test") == new.fingerprint
         api.ok("PUT", "/v1/listeners/web/security-policy", {"policy": "tls_cipher_policy_1_2"})
         assert ws.echo(b"after") == b"after"
+
+
+def test_listener_that_cannot_bind_is_refused_and_changes_nothing(
+    env: tuple[Proxy, Api, Any],
+) -> None:
+    _, api, _ = env
+    generation = api.ok("GET", "/v1/config")["generation"]
+    # 192.0.2.1 (TEST-NET-1) is not an address of this host: the bind fails.
+    status, body = api.call(
+        "POST",
+        "/v1/listeners",
+        {
+            "name": "nowhere",
+            "protocol": "HTTP",
+            "port": 7081,
+            "bind": "192.0.2.1",
+            "server_group": "sg",
+        },
+    )
+    assert status == 409, body
+    assert "listeners[nowhere] 192.0.2.1:" in body["error"]["message"]
+    assert api.ok("GET", "/v1/config")["generation"] == generation
+    assert [x["name"] for x in api.ok("GET", "/v1/listeners")["listeners"]] == ["web"]

@@ -83,16 +83,24 @@ class ControlPlane:
             snapshot = await asyncio.to_thread(
                 build_snapshot, config, self._pool, self._metrics, generation=generation
             )
-            await asyncio.to_thread(
-                self.store.save,
-                generation,
-                dump_config(config),
-                description,
-                add=record,
-                add_pem=record_pem,
-                remove=forget,
-            )
-            await self._publish(snapshot)
+            try:
+                await self._publish(snapshot)
+            except OSError as exc:
+                raise OperationError(409, f"cannot serve the change: {exc}") from exc
+            try:
+                await asyncio.to_thread(
+                    self.store.save,
+                    generation,
+                    dump_config(config),
+                    description,
+                    add=record,
+                    add_pem=record_pem,
+                    remove=forget,
+                    file_sha256=file_sha256,
+                )
+            except BaseException:
+                await self._publish(current)  # not persisted: serve what the store says
+                raise
             self.snapshot = snapshot
             self._metrics.config_generation.set(generation)
             event(logging.INFO, "change applied", generation=generation, operation=description)

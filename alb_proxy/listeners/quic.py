@@ -107,11 +107,17 @@ class QuicListener:
         configuration.certificate, chain, configuration.private_key = default
         configuration.certificate_chain = list(chain)
         port = self.plan.port if port_override is None else port_override
-        transport, protocol = await loop.create_datagram_endpoint(
-            lambda: _GuardedServer(configuration=configuration, create_protocol=self._connect),
-            local_addr=(self.plan.bind, port),
-            family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
-        )
+        try:
+            transport, protocol = await loop.create_datagram_endpoint(
+                lambda: _GuardedServer(configuration=configuration, create_protocol=self._connect),
+                local_addr=(self.plan.bind, port),
+                family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
+            )
+        except OSError as exc:
+            raise OSError(
+                exc.errno,
+                f"listeners[{self.name}] {self.plan.bind}:{port}/udp: {exc.strerror or exc}",
+            ) from exc
         self._transport = transport
         assert isinstance(protocol, _GuardedServer)
         self._server = protocol

@@ -62,20 +62,28 @@ class TcpListener:
     async def start(self, port_override: int | None = None) -> None:
         loop = asyncio.get_running_loop()
         port = self.plan.port if port_override is None else port_override
-        self._server = await loop.create_server(
-            self._accept,
-            host=self.plan.bind,
-            port=port,
-            family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
-            reuse_address=True,
-            backlog=1024,
-        )
+        try:
+            self._server = await self._bind(loop, port)
+        except OSError as exc:
+            raise OSError(
+                exc.errno, f"listeners[{self.name}] {self.plan.bind}:{port}: {exc.strerror or exc}"
+            ) from exc
         event(
             logging.INFO,
             "listening",
             listener=self.name,
             protocol=self.plan.protocol,
             address=f"{self.plan.bind}:{self.bound_port}",
+        )
+
+    async def _bind(self, loop: asyncio.AbstractEventLoop, port: int) -> asyncio.Server:
+        return await loop.create_server(
+            self._accept,
+            host=self.plan.bind,
+            port=port,
+            family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
+            reuse_address=True,
+            backlog=1024,
         )
 
     def _accept(self) -> asyncio.Protocol:
