@@ -345,15 +345,13 @@ def _listener_create(a: argparse.Namespace) -> ApiRequest:
     body: JsonObject = {"name": a.name, "protocol": a.protocol, "port": a.port}
     if a.bind is not None:
         body["bind"] = a.bind
-    if a.certificate is not None:
-        body["certificate"] = a.certificate
-    if a.additional:
-        body["additional"] = list(a.additional)
+    if a.certificate is not None or a.additional:
+        body["certificates"] = {"default": a.certificate, "additional": list(a.additional or [])}
     if a.policy is not None:
         body["security_policy"] = a.policy
     if a.mtls:
         body["mutual_authentication"] = {"enabled": True, "ca_certificates": list(a.ca or [])}
-    body["server_group"] = a.server_group
+    body["default_action"] = {"forward": a.server_group}
     return ApiRequest("POST", api_path("v1", "listeners"), body)
 
 
@@ -389,7 +387,7 @@ def _ca_replace(a: argparse.Namespace) -> ApiRequest:
 
 def _policy_set(a: argparse.Namespace) -> ApiRequest:
     path = api_path("v1", "listeners", a.listener, "security-policy")
-    return ApiRequest("PUT", path, {"policy": a.policy})
+    return ApiRequest("PUT", path, {"security_policy": a.policy})
 
 
 def _server_add(a: argparse.Namespace) -> ApiRequest:
@@ -601,7 +599,7 @@ def _listeners(_: argparse.Namespace, response: ApiResponse) -> str:
                 ",".join(certs.get("additional") or []) or "-",
                 _text(x.get("security_policy")),
                 _mtls(x),
-                _text(x.get("server_group")),
+                _text((x.get("default_action") or {}).get("forward")),
             ]
         )
     headers = ["NAME", "PROTOCOL", "PORT", "STATE", "DEFAULT CERT", "ADDITIONAL", "POLICY"]
@@ -625,7 +623,7 @@ def _listener(_: argparse.Namespace, response: ApiResponse) -> str:
         ("security policy", _text(x.get("security_policy"))),
         ("mutual authentication", "enabled" if mtls.get("enabled") else "disabled"),
         ("CA certificates", _text(mtls.get("ca_certificates"))),
-        ("server group", _text(x.get("server_group"))),
+        ("server group", _text((x.get("default_action") or {}).get("forward"))),
     ]
     for expiry in x.get("certificate_expiry") or []:
         pairs.append(

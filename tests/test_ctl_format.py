@@ -71,7 +71,7 @@ REQUESTS: list[tuple[list[str], str, str, Any]] = [
         cmd("ctl listener create --name h --protocol http --port 80 --server-group sg"),
         "POST",
         L,
-        {"name": "h", "protocol": "HTTP", "port": 80, "server_group": "sg"},
+        {"name": "h", "protocol": "HTTP", "port": 80, "default_action": {"forward": "sg"}},
     ),
     (
         cmd(
@@ -86,11 +86,10 @@ REQUESTS: list[tuple[list[str], str, str, Any]] = [
             "protocol": "HTTPS",
             "port": 443,
             "bind": "127.0.0.1",
-            "certificate": "c1",
-            "additional": ["c2", "c3"],
+            "certificates": {"default": "c1", "additional": ["c2", "c3"]},
             "security_policy": "tls_cipher_policy_1_2",
             "mutual_authentication": {"enabled": True, "ca_certificates": ["ca1", "ca2"]},
-            "server_group": "sg",
+            "default_action": {"forward": "sg"},
         },
     ),
     (
@@ -128,7 +127,7 @@ REQUESTS: list[tuple[list[str], str, str, Any]] = [
         ["ctl", "policy", "set", "web", "tls_cipher_policy_1_2"],
         "PUT",
         f"{L}/web/security-policy",
-        {"policy": "tls_cipher_policy_1_2"},
+        {"security_policy": "tls_cipher_policy_1_2"},
     ),
     (
         ["ctl", "server", "add", "sg", "--host", "10.0.0.1", "--port", "8080"],
@@ -456,7 +455,7 @@ LISTENERS: list[dict[str, Any]] = [
         "certificates": {"default": "cert-site", "additional": ["cert-api", "cert-b"]},
         "security_policy": "tls_cipher_policy_1_2",
         "mutual_authentication": {"enabled": True, "ca_certificates": ["ca-a", "ca-b"]},
-        "server_group": "sg-web",
+        "default_action": {"forward": "sg-web"},
         "certificate_expiry": [
             {"id": "cert-site", "not_after": "2026-01-01T00:00:00+00:00", "days_left": 120}
         ],
@@ -472,7 +471,7 @@ LISTENERS: list[dict[str, Any]] = [
         "certificates": None,
         "security_policy": "tls_cipher_policy_1_2_strict_with_1_3",
         "mutual_authentication": {"enabled": False, "ca_certificates": ["ca-a"]},
-        "server_group": "sg-web",
+        "default_action": {"forward": "sg-web"},
         "certificate_expiry": [],
     },
     {

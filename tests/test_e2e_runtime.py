@@ -234,7 +234,7 @@ def test_each_change_applies_to_new_handshakes_and_spares_open_connections(
     # change the security policy: TLS 1.3 allowed before, refused after
     api.ok("PUT", "/v1/listeners/web/mutual-authentication", {"enabled": False})
     assert _tls13(port) == "TLSv1.3"
-    api.ok("PUT", "/v1/listeners/web/security-policy", {"policy": "tls_cipher_policy_1_2"})
+    api.ok("PUT", "/v1/listeners/web/security-policy", {"security_policy": "tls_cipher_policy_1_2"})
     assert _tls13(port) == "alert protocol version"
 
     # the connections from before every change are still fine
@@ -300,10 +300,10 @@ def test_refused_changes_leave_the_old_state_serving(env: tuple[Proxy, Api, Any]
     assert status == 422 and body["error"]["problems"] == [
         "listeners[web].certificates.default: unknown certificate 'nope'"
     ]
-    status, body = api.call("PUT", "/v1/listeners/web/security-policy", {"policy": "weak"})
+    status, body = api.call("PUT", "/v1/listeners/web/security-policy", {"security_policy": "weak"})
     assert status == 422
     status, _ = api.call(
-        "PUT", "/v1/listeners/nope/security-policy", {"policy": "tls_cipher_policy_1_2"}
+        "PUT", "/v1/listeners/nope/security-policy", {"security_policy": "tls_cipher_policy_1_2"}
     )
     assert status == 404
     assert api.ok("GET", "/v1/config")["generation"] == generation
@@ -382,11 +382,11 @@ def _config_of(proxy: Proxy) -> dict[str, Any]:
 def test_stale_if_match_is_refused(env: tuple[Proxy, Api, Any]) -> None:
     _, api, _ = env
     generation = api.ok("GET", "/v1/config")["generation"]
-    api.ok("PUT", "/v1/listeners/web/security-policy", {"policy": "tls_cipher_policy_1_2"})
+    api.ok("PUT", "/v1/listeners/web/security-policy", {"security_policy": "tls_cipher_policy_1_2"})
     status, body = api.call(
         "PUT",
         "/v1/listeners/web/security-policy",
-        {"policy": "tls_cipher_policy_1_0"},
+        {"security_policy": "tls_cipher_policy_1_0"},
         headers={"If-Match": f'"{generation}"'},
     )
     assert status == 412 and body["error"]["code"] == "precondition_failed"
@@ -416,7 +416,7 @@ def test_listener_create_stop_start_delete_binds_and_releases_its_port(
             "protocol": "HTTP",
             "port": 7080,
             "bind": "127.0.0.1",
-            "server_group": "sg",
+            "default_action": {"forward": "sg"},
         },
     )
     port = created["listener"]["bound_port"]
@@ -531,7 +531,9 @@ def test_websocket_survives_a_certificate_replacement(env: tuple[Proxy, Api, Any
             {"certificate_id": upload(api, "new", new)},
         )
         assert served_fingerprint(port, "site.example.test") == new.fingerprint
-        api.ok("PUT", "/v1/listeners/web/security-policy", {"policy": "tls_cipher_policy_1_2"})
+        api.ok(
+            "PUT", "/v1/listeners/web/security-policy", {"security_policy": "tls_cipher_policy_1_2"}
+        )
         assert ws.echo(b"after") == b"after"
 
 
@@ -549,7 +551,7 @@ def test_listener_that_cannot_bind_is_refused_and_changes_nothing(
             "protocol": "HTTP",
             "port": 7081,
             "bind": "192.0.2.1",
-            "server_group": "sg",
+            "default_action": {"forward": "sg"},
         },
     )
     assert status == 409, body

@@ -357,42 +357,27 @@ async def list_listeners(api: AdminApi, request: Request, p: dict[str, str]) -> 
 @route(
     "POST",
     "/v1/listeners",
-    "Create a listener (the console's wizard)",
+    "Create a listener (the console's wizard): the body is a listener as in the config file",
     {
         "type": "object",
-        "required": ["name", "protocol", "port", "server_group"],
+        "required": ["name", "protocol", "port", "default_action"],
         "properties": {
             "name": {"type": "string"},
             "protocol": {"enum": ["HTTP", "HTTPS", "QUIC"]},
             "port": {"type": "integer"},
             "bind": {"type": "string"},
-            "certificate": {"type": "string"},
-            "additional": {"type": "array", "items": {"type": "string"}},
+            "certificates": {"type": "object"},
             "security_policy": {"type": "string"},
             "mutual_authentication": {"type": "object"},
-            "server_group": {"type": "string"},
+            "default_action": {"type": "object"},
         },
     },
 )
 async def create_listener(api: AdminApi, request: Request, p: dict[str, str]) -> tuple[int, Any]:
     body = _json(request)
-    item: dict[str, Any] = {
-        "name": _str(body, "name"),
-        "protocol": _str(body, "protocol"),
-        "port": _int(body, "port"),
-        "default_action": {"forward": _str(body, "server_group")},
-    }
-    for key in ("bind", "security_policy", "mutual_authentication"):
-        if body.get(key) is not None:
-            item[key] = body[key]
-    if body.get("certificate") is not None:
-        item["certificates"] = {
-            "default": _str(body, "certificate"),
-            "additional": list(_strings(body, "additional") or ()),
-        }
     current = api.plane.snapshot.config
     listener = parse_config(
-        {"instance": {"name": current.instance.name}, "listeners": [item]}
+        {"instance": {"name": current.instance.name}, "listeners": [body]}
     ).listeners[0]
     name = listener.name
     await api.plane.change(
@@ -539,10 +524,14 @@ async def replace_cas(api: AdminApi, request: Request, p: dict[str, str]) -> tup
     "PUT",
     "/v1/listeners/{name}/security-policy",
     "Change the TLS security policy",
-    {"type": "object", "required": ["policy"], "properties": {"policy": {"type": "string"}}},
+    {
+        "type": "object",
+        "required": ["security_policy"],
+        "properties": {"security_policy": {"type": "string"}},
+    },
 )
 async def set_policy(api: AdminApi, request: Request, p: dict[str, str]) -> tuple[int, Any]:
-    policy, name = _str(_json(request), "policy") or "", p["name"]
+    policy, name = _str(_json(request), "security_policy") or "", p["name"]
     return await _simple(
         api,
         request,

@@ -19,6 +19,7 @@ from alb_proxy.control.snapshot import Snapshot
 from alb_proxy.control.store import CertificateRecord
 
 EXPIRY_WARNING_DAYS = 30
+_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 
 def days_left(not_after: datetime, now: datetime) -> int:
@@ -42,7 +43,7 @@ def certificate_view(
 
 
 def _server_view(cert: ServerCertificate, now: datetime) -> dict[str, Any]:
-    size = cert.curve or str(cert.key_bits)
+    size = _CURVES.get(cert.curve or "", cert.curve) or str(cert.key_bits)
     return {
         "kind": "server",
         "domains": [*cert.dns_names, *(str(ip) for ip in cert.ip_addresses)],
@@ -110,7 +111,7 @@ def listener_view(
             "enabled": mtls.enabled,
             "ca_certificates": list(mtls.ca_certificates),
         },
-        "server_group": listener.default_action.forward,
+        "default_action": {"forward": listener.default_action.forward},
         "certificate_expiry": expiry,
     }
 
