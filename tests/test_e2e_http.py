@@ -119,6 +119,7 @@ def raw_exchange(port: int, request: bytes) -> bytes:
 def test_curl_through_https_reaches_backend_with_forwarded_headers(proxy: Proxy, pki: Pki) -> None:
     port = proxy.port("tls")
     done = curl(
+        "--http1.1",  # Connection-named headers are an HTTP/1.1 matter
         "--cacert",
         str(pki.ca_file),
         "--resolve",

@@ -203,11 +203,24 @@ def _listener_tls(
     mtls = listener.mutual_authentication
     if mtls.enabled:
         client_ca_pem = b"".join(cas[ca_id].pem for ca_id in mtls.ca_certificates)
+    names = {
+        group: tuple(
+            name
+            for cert_id in group
+            for name in (*servers[cert_id].dns_names, *map(str, servers[cert_id].ip_addresses))
+        )
+        for group in index.groups()
+    }
+
+    def group_covers(group: tuple[str, ...], host: str) -> bool:
+        return any(covers(pattern, host) for pattern in names.get(group, ()))
+
     return build_listener_tls(
         index.select,
         index.groups(),
         material,
         POLICIES[listener.security_policy],
-        alpn=("http/1.1",),
+        alpn=("h2", "http/1.1") if listener.http2 else ("http/1.1",),
         client_ca_pem=client_ca_pem,
+        covers=group_covers,
     )

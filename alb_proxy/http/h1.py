@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -43,6 +43,8 @@ class ConnectionControl:
 
     busy: bool = False
     draining: bool = False
+    on_drain: Callable[[], None] | None = None
+    """Set by sessions that close themselves on a drain (HTTP/2: GOAWAY once streams end)."""
 
 
 class H1Session:

@@ -8,6 +8,7 @@ only. The plan is replaced by assigning ``listener.plan``; nothing in a plan is 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import socket
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 
 from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h1 import ConnectionControl, H1Session
+from alb_proxy.http.h2 import H2Session
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 from alb_proxy.tls.clientcert import client_cert_headers
@@ -133,7 +135,9 @@ class TcpListener:
         self.stop_accepting()
         for control, writer in self._sessions.values():
             control.draining = True
-            if not control.busy:
+            if control.on_drain is not None:
+                control.on_drain()
+            elif not control.busy:
                 writer.close()  # idle keep-alive connection: nothing to finish
         tasks = list(self._sessions)
         if not tasks:
@@ -184,7 +188,19 @@ class _SessionProtocol(asyncio.StreamReaderProtocol):
                     cert_headers = client_cert_headers(der, plan.client_cert_headers)
         active = self._metrics.connections_active.labels(plan.name)
         active.inc()
-        session = H1Session(reader, writer, plan.route, self._control, cert_headers)
+        session: H1Session | H2Session
+        if sslobj is not None and sslobj.selected_alpn_protocol() == "h2" and plan.tls:
+            sni = writer.get_extra_info("tls_server_name")
+            session = H2Session(
+                reader,
+                writer,
+                plan.route,
+                self._control,
+                cert_headers,
+                authority_ok=functools.partial(plan.tls.authority_ok, sni),
+            )
+        else:
+            session = H1Session(reader, writer, plan.route, self._control, cert_headers)
         try:
             await session.run()
         except Exception as exc:  # one broken connection must never take the listener down

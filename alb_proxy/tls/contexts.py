@@ -38,9 +38,15 @@ class ListenerTls:
 
     select_ids: Callable[[str | None], tuple[str, ...]]
     contexts: Mapping[tuple[str, ...], ssl.SSLContext]
+    covers: Callable[[tuple[str, ...], str], bool] = lambda group, host: True
+    """Whether the certificates of a group cover a host name (HTTP/2 answers 421 if not)."""
 
     def select(self, hello: ClientHello | None) -> ssl.SSLContext:
         return self.contexts[self.select_ids(hello.server_name if hello is not None else None)]
+
+    def authority_ok(self, server_name: str | None, host: str) -> bool:
+        """May a request for ``host`` use a connection set up for ``server_name``?"""
+        return self.covers(self.select_ids(server_name), host)
 
 
 def build_context(
@@ -73,6 +79,7 @@ def build_listener_tls(
     *,
     alpn: Sequence[str] = ("http/1.1",),
     client_ca_pem: bytes | None = None,
+    covers: Callable[[tuple[str, ...], str], bool] = lambda group, host: True,
 ) -> ListenerTls:
     """Build every context ``select_ids`` can ask for; fails before anything is served."""
     contexts = {
@@ -84,7 +91,7 @@ def build_listener_tls(
         )
         for group in groups
     }
-    return ListenerTls(select_ids=select_ids, contexts=contexts)
+    return ListenerTls(select_ids=select_ids, contexts=contexts, covers=covers)
 
 
 def _load_chain(ctx: ssl.SSLContext, material: CertMaterial) -> None:
