@@ -44,6 +44,7 @@ _PLAIN_HTTP_ANSWER = (
 )
 _HTTP_METHOD_PREFIXES = (b"GET ", b"POST", b"HEAD", b"PUT ", b"DELE", b"OPTI", b"PATC", b"CONN")
 _READ_SIZE = 256 * 1024
+_LINGER_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -119,6 +120,8 @@ class TlsServerProtocol(asyncio.Protocol):
             self._try_start_handshake()
 
     def eof_received(self) -> bool | None:
+        if self._state is _State.CLOSED:
+            return False  # the client closed after our alert: done lingering
         if self._state in (_State.HELLO, _State.HANDSHAKE):
             self._fail("client_closed", "connection closed during the handshake")
             return False
@@ -212,8 +215,18 @@ class TlsServerProtocol(asyncio.Protocol):
         self._cancel_timer()
         server_name = self._hello.server_name if self._hello is not None else None
         self._on_failure(HandshakeFailure(reason, detail, self._peer, server_name))
-        if self._transport is not None:
-            self._transport.close()
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        if reason in ("client_closed", "handshake_timeout") or not transport.can_write_eof():
+            transport.close()
+            return
+        # Lingering close: closing a socket that still has unread client bytes (a TLS 1.3
+        # client sends its request right after its Finished) makes the kernel send a reset,
+        # which can overtake the alert. Send FIN after the alert, read and discard until the
+        # client closes too, for at most _LINGER_S.
+        transport.write_eof()
+        asyncio.get_running_loop().call_later(_LINGER_S, transport.close)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None:
