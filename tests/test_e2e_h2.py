@@ -102,6 +102,12 @@ def test_authority_not_covered_by_the_certificate_gets_421(proxy: Proxy) -> None
     assert client.streams[other].status == 421
     assert client.streams[ip].status == 421
     client.close()
+    # Without SNI (or for the name it asked for) the client's own choice is served.
+    plain = H2Client(proxy.port("h"), None)
+    by_ip = plain.request("/", "127.0.0.1:4443")
+    plain.wait()
+    assert plain.streams[by_ip].status == 200
+    plain.close()
 
 
 def test_curl_http2_and_the_http1_only_listener(proxy: Proxy, pki: Pki) -> None:

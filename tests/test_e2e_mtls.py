@@ -341,9 +341,13 @@ def test_curl_with_client_certificate(proxy: Proxy, mpki: MtlsPki) -> None:
     assert (
         dict(json.loads(ok.stdout)["headers"])["x-forwarded-clientcert-clientverify"] == "SUCCESS"
     )
-    refused = subprocess.run([*common, url], capture_output=True, text=True, timeout=30)
+    refused = subprocess.run(
+        [*common, "--http1.1", url], capture_output=True, text=True, timeout=30
+    )
     assert refused.returncode != 0
     assert "alert" in refused.stderr and "certificate required" in refused.stderr
+    over_h2 = subprocess.run([*common, "--http2", url], capture_output=True, text=True, timeout=30)
+    assert over_h2.returncode != 0 and over_h2.stdout == ""
 
 
 def test_openssl_s_client_sees_unknown_ca(proxy: Proxy, mpki: MtlsPki) -> None:

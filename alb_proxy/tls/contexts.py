@@ -45,8 +45,18 @@ class ListenerTls:
         return self.contexts[self.select_ids(hello.server_name if hello is not None else None)]
 
     def authority_ok(self, server_name: str | None, host: str) -> bool:
-        """May a request for ``host`` use a connection set up for ``server_name``?"""
+        """May a request for ``host`` use a connection set up for ``server_name``?
+
+        A request for the very name the client connected with (or on a connection without
+        SNI) is that client's own choice; a request for another name is a coalesced one, and
+        is served only if the connection's certificate covers it."""
+        if server_name is None or _same_name(server_name, host):
+            return True
         return self.covers(self.select_ids(server_name), host)
+
+
+def _same_name(a: str, b: str) -> bool:
+    return a.lower().rstrip(".") == b.lower().rstrip(".")
 
 
 def build_context(
