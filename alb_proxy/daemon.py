@@ -33,7 +33,7 @@ from alb_proxy.config.rules import check_config
 from alb_proxy.control.admin import AdminServer
 from alb_proxy.control.api import AdminApi
 from alb_proxy.control.plane import ControlPlane
-from alb_proxy.control.snapshot import Snapshot, build_snapshot
+from alb_proxy.control.snapshot import Snapshot, build_snapshot, health_checks
 from alb_proxy.control.store import Store, write_atomic
 from alb_proxy.control.views import expiring_in_use
 from alb_proxy.errors import AlbError, ConfigError
@@ -41,6 +41,7 @@ from alb_proxy.listeners.quic import QuicListener, QuicPlan
 from alb_proxy.listeners.tcp import ListenerPlan, TcpListener
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
+from alb_proxy.upstream.health import HealthRegistry
 from alb_proxy.upstream.pool import ConnectionPool
 
 DRAIN_TIMEOUT_S = 30.0
@@ -63,9 +64,12 @@ class Daemon:
         self.options = options
         self.metrics = Metrics()
         self.pool = ConnectionPool()
+        self.registry = HealthRegistry(on_change=self._health_changed)
         self.store = Store(file_config.state_dir)
         snapshot = self._initial_snapshot(file_config)
-        self.plane = ControlPlane(self.store, snapshot, self.pool, self.metrics, self._publish)
+        self.plane = ControlPlane(
+            self.store, snapshot, self.pool, self.metrics, self._publish, registry=self.registry
+        )
         self.admin_token = _admin_token(file_config.admin, file_config.state_dir)
         self.listeners: dict[str, TcpListener | QuicListener] = {}
         self._ready = False
@@ -95,9 +99,17 @@ class Daemon:
                 generation=stored.generation,
                 state_dir=file_config.state_dir,
             )
-            return build_snapshot(config, self.pool, self.metrics, generation=stored.generation)
+            return build_snapshot(
+                config,
+                self.pool,
+                self.metrics,
+                registry=self.registry,
+                generation=stored.generation,
+            )
         generation = 1 if stored is None else stored.generation + 1
-        snapshot = build_snapshot(file_config, self.pool, self.metrics, generation=generation)
+        snapshot = build_snapshot(
+            file_config, self.pool, self.metrics, registry=self.registry, generation=generation
+        )
         if stored is not None:
             event(
                 logging.WARNING,
@@ -148,6 +160,7 @@ class Daemon:
             *(x.drain(self.options.drain_timeout) for x in self.listeners.values())
         )
         await asyncio.gather(*self._background, return_exceptions=True)
+        await self.registry.close()
         self.pool.close_all()
         self.store.close()
         event(logging.INFO, "stopped")
@@ -195,6 +208,11 @@ class Daemon:
         QUIC listeners go first so HTTPS listeners can advertise their bound port (Alt-Svc).
         """
         _warn_expiring(snapshot)
+        self.registry.reconcile(health_checks(snapshot.config))
+        for group in snapshot.config.server_groups:
+            for server in group.servers:
+                healthy = self.registry.is_healthy(server.address)
+                self.metrics.server_healthy.labels(server.address).set(1 if healthy else 0)
         stale = [
             name
             for name, running in self.listeners.items()
@@ -237,6 +255,15 @@ class Daemon:
         alt_svc = (b"alt-svc", f'h3=":{quic.bound_port}"; ma=86400'.encode())
         route = replace(plan.route, response_headers=(*plan.route.response_headers, alt_svc))
         return replace(plan, route=route)
+
+    def _health_changed(self, address: str, healthy: bool, reason: str) -> None:
+        self.metrics.server_healthy.labels(address).set(1 if healthy else 0)
+        event(
+            logging.INFO if healthy else logging.WARNING,
+            "server healthy" if healthy else "server unhealthy",
+            server=address,
+            reason=reason,
+        )
 
     def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(work)

@@ -27,6 +27,7 @@ from alb_proxy.control.store import CertificateRecord, Store
 from alb_proxy.errors import ConfigError
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
+from alb_proxy.upstream.health import HealthRegistry
 from alb_proxy.upstream.pool import ConnectionPool
 
 Operation = Callable[[Config], Config]
@@ -45,8 +46,11 @@ class ControlPlane:
         pool: ConnectionPool,
         metrics: Metrics,
         publish: Callable[[Snapshot], Awaitable[None]],
+        *,
+        registry: HealthRegistry | None = None,
     ) -> None:
         self.store = store
+        self._registry = registry
         self.snapshot = snapshot
         self._pool = pool
         self._metrics = metrics
@@ -81,7 +85,12 @@ class ControlPlane:
                 raise ConfigError(problems)
             generation = current.generation + 1
             snapshot = await asyncio.to_thread(
-                build_snapshot, config, self._pool, self._metrics, generation=generation
+                build_snapshot,
+                config,
+                self._pool,
+                self._metrics,
+                registry=self._registry,
+                generation=generation,
             )
             try:
                 await self._publish(snapshot)

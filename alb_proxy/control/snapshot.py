@@ -28,6 +28,7 @@ from alb_proxy.observability.metrics import Metrics
 from alb_proxy.tls.contexts import CertMaterial, ListenerTls, build_listener_tls
 from alb_proxy.tls.policies import POLICIES
 from alb_proxy.upstream.group import Backend, GroupRuntime
+from alb_proxy.upstream.health import CheckSpec, HealthRegistry, parse_codes
 from alb_proxy.upstream.pool import ConnectionPool
 
 
@@ -74,16 +75,20 @@ def build_snapshot(
     pool: ConnectionPool,
     metrics: Metrics,
     *,
+    registry: HealthRegistry | None = None,
     generation: int = 0,
     now: datetime | None = None,
 ) -> Snapshot:
     now = now or datetime.now(UTC)
+    registry = registry or HealthRegistry()
     servers, cas = load_certificates(config, now)
     groups = {
         g.id: GroupRuntime(
             g.id,
             [Backend(s.host, s.port, s.weight) for s in g.servers],
             connect_timeout=g.connect_timeout_s,
+            scheduler=g.scheduler.value,
+            registry=registry,
         )
         for g in config.server_groups
     }
@@ -224,3 +229,27 @@ def _listener_tls(
         client_ca_pem=client_ca_pem,
         covers=group_covers,
     )
+
+
+def health_checks(config: Config) -> dict[str, CheckSpec]:
+    """Address -> active check, for every server of a group with health checks enabled (the
+    first group to name an address decides its check)."""
+    checks: dict[str, CheckSpec] = {}
+    for group in config.server_groups:
+        hc = group.health_check
+        if not hc.enabled:
+            continue
+        spec = CheckSpec(
+            protocol=hc.protocol,
+            path=hc.path,
+            method=hc.method,
+            host=hc.host,
+            codes=parse_codes(hc.codes),
+            interval=hc.interval_s,
+            timeout=hc.timeout_s,
+            healthy_threshold=hc.healthy_threshold,
+            unhealthy_threshold=hc.unhealthy_threshold,
+        )
+        for server in group.servers:
+            checks.setdefault(server.address, spec)
+    return checks

@@ -29,6 +29,8 @@ from alb_proxy.upstream.pool import ConnectionPool
 Header = tuple[bytes, bytes]
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+MAX_CONNECT_ATTEMPTS = 3
+"""Servers tried for one request when connecting fails (nothing sent yet, so always safe)."""
 MAX_INFORMATIONAL = 16
 """1xx responses relayed per request; a backend sending more is broken (502)."""
 
@@ -80,6 +82,9 @@ class BadRequestBody(Exception):
 class Downstream(Protocol):
     """The client side of one exchange, as an adapter offers it."""
 
+    request_trailers: list[Header]
+    """Trailers that ended the request body (valid once ``read_body`` returned None)."""
+
     async def read_body(self) -> bytes | None:
         """Next chunk of the request body; None at its end. Raises ClientGone, BadRequestBody."""
 
@@ -90,7 +95,9 @@ class Downstream(Protocol):
     async def send_data(self, data: bytes) -> None:
         """Send and wait until the client side can take more (backpressure)."""
 
-    async def end(self) -> None: ...
+    async def end(self, trailers: list[Header]) -> None:
+        """End the response, with the backend's trailers where the client's protocol can
+        carry them."""
 
     async def send_error(self, status: int, detail: str) -> None:
         """A short text answer; only valid before ``send_head``."""
@@ -104,7 +111,9 @@ class Outcome:
     reusable: bool
     """The client connection can carry another request."""
     upgraded: tuple[BackendConnection, h11.InformationalResponse] | None = None
-    """The backend accepted an upgrade: the adapter tunnels over this connection."""
+    """The backend accepted an upgrade: the adapter tunnels over this connection, and calls
+    ``route.group.finished(backend_index)`` when the tunnel ends (it counts as in flight)."""
+    backend_index: int | None = None
 
 
 class _StaleConnection(Exception):
@@ -112,9 +121,10 @@ class _StaleConnection(Exception):
 
 
 async def forward(request: ForwardRequest, down: Downstream, route: RouteSettings) -> Outcome:
-    backend = route.group.pick(request.client_ip)
-    if backend is None:
-        await _refuse(down, route, 503, f"server group {route.group.id} has no available server")
+    group = route.group
+    index = group.pick(request.client_ip)
+    if index is None:
+        await _refuse(down, route, 503, f"server group {group.id} has no available server")
         return Outcome(False)
     headers = request_headers_for_backend(
         request.headers,
@@ -130,33 +140,53 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
         headers += [(b"connection", b"upgrade"), (b"upgrade", request.upgrade)]
     outgoing = h11.Request(method=request.method, target=request.target, headers=headers)
     retry_allowed = not request.has_body and request.method in _IDEMPOTENT
+    refused: set[int] = set()
     fresh = False
     while True:
+        backend = group.backends[index]
         try:
             conn, reused = await route.pool.acquire(
-                backend.host, backend.port, route.group.connect_timeout, fresh=fresh
+                backend.host, backend.port, group.connect_timeout, fresh=fresh
             )
         except (OSError, TimeoutError) as exc:
-            route.metrics.upstream_errors_total.labels(route.group.id, "connect").inc()
+            # Nothing was sent: trying another server is safe for any method.
+            detail = _describe(exc)
+            group.connect_failed(index, detail)
+            route.metrics.upstream_errors_total.labels(group.id, "connect").inc()
             event(
                 logging.WARNING,
                 "backend unreachable",
-                group=route.group.id,
+                group=group.id,
                 server=backend.address,
-                error=_describe(exc),
+                error=detail,
             )
-            await _refuse(down, route, 502, f"cannot connect to {backend.address}")
-            return Outcome(False)
+            refused.add(index)
+            next_index = group.pick(request.client_ip, exclude=refused)
+            if next_index is None or len(refused) >= MAX_CONNECT_ATTEMPTS:
+                await _refuse(down, route, 502, f"cannot connect to {backend.address}")
+                return Outcome(False)
+            index, fresh = next_index, False
+            continue
+        if not reused:
+            group.connect_succeeded(index)
+        group.started(index)
+        upgraded = False
         try:
-            return await _exchange(conn, outgoing, request.has_body, down, route)
+            outcome = await _exchange(conn, outgoing, request.has_body, down, route)
+            if outcome.upgraded is not None:
+                upgraded, outcome.backend_index = True, index  # the tunnel ends it
+            return outcome
         except _StaleConnection:
             conn.close()
             if reused and retry_allowed and not fresh:
                 fresh = True
                 continue
-            route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
+            route.metrics.upstream_errors_total.labels(group.id, "protocol").inc()
             await _refuse(down, route, 502, f"{backend.address} closed the connection")
             return Outcome(False)
+        finally:
+            if not upgraded:
+                group.finished(index)
 
 
 async def _refuse(down: Downstream, route: RouteSettings, status: int, detail: str) -> None:
@@ -176,7 +206,7 @@ async def _exchange(
     try:
         conn.write(outgoing)
         if has_body:
-            upload = asyncio.create_task(_upload(conn, down))
+            upload = asyncio.create_task(_upload(conn, down, route.request_timeout))
         else:
             conn.write(h11.EndOfMessage())
             await conn.writer.drain()
@@ -220,14 +250,20 @@ async def _exchange(
     return await _relay_response(conn, response, upload, down, route)
 
 
-async def _upload(conn: BackendConnection, down: Downstream) -> None:
-    """Stream the request body to the backend, chunk by chunk."""
+async def _upload(conn: BackendConnection, down: Downstream, timeout: float) -> None:
+    """Stream the request body to the backend, chunk by chunk; a backend that stops reading
+    for ``timeout`` ends the exchange (504)."""
     while (chunk := await down.read_body()) is not None:
         if chunk:
             conn.write(h11.Data(data=chunk))
-            await conn.writer.drain()
-    conn.write(h11.EndOfMessage())
-    await conn.writer.drain()
+            async with asyncio.timeout(timeout):
+                await conn.writer.drain()
+    try:
+        conn.write(h11.EndOfMessage(headers=down.request_trailers))
+    except h11.LocalProtocolError:
+        conn.write(h11.EndOfMessage())  # a Content-Length body cannot carry trailers
+    async with asyncio.timeout(timeout):
+        await conn.writer.drain()
 
 
 async def _response_head(
@@ -241,12 +277,14 @@ async def _response_head(
     informational = 0
     while True:
         if upload is not None and not upload.done():
-            head = asyncio.ensure_future(conn.next_event(timeout))
+            # No deadline while the client is still sending: the backend may well wait for the
+            # whole body. Once it is in, the backend has ``timeout`` to answer.
+            head = asyncio.ensure_future(conn.next_event(None))
             await asyncio.wait({head, upload}, return_when=asyncio.FIRST_COMPLETED)
             if upload.done() and upload.exception() is not None and not head.done():
                 head.cancel()
                 upload.result()  # the client went away mid-upload: re-raise it
-            ev = await head
+            ev = await asyncio.wait_for(head, timeout) if not head.done() else head.result()
         else:
             ev = await conn.next_event(timeout)
         if isinstance(ev, h11.InformationalResponse):
@@ -279,7 +317,7 @@ async def _relay_response(
             if isinstance(ev, h11.Data):
                 await down.send_data(bytes(ev.data))
             elif isinstance(ev, h11.EndOfMessage):
-                await down.end()
+                await down.end(list(ev.headers))
                 break
     except (TimeoutError, BackendClosed, ConnectionError, h11.ProtocolError) as exc:
         route.metrics.upstream_errors_total.labels(route.group.id, "broken_response").inc()

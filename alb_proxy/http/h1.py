@@ -64,6 +64,7 @@ class H1Session:
         self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
         peer = writer.get_extra_info("peername")
         self.client_ip: str = peer[0] if peer else "-"
+        self.request_trailers: list[tuple[bytes, bytes]] = []
 
     async def run(self) -> None:
         try:
@@ -77,6 +78,7 @@ class H1Session:
     async def _one_exchange(self) -> bool:
         """Serve one request; True when the connection can carry another."""
         self.control.busy = False
+        self.request_trailers = []
         if self.control.draining:
             return False
         try:
@@ -128,7 +130,11 @@ class H1Session:
             self.route,
         )
         if outcome.upgraded is not None:
-            await self._tunnel(*outcome.upgraded)
+            try:
+                await self._tunnel(*outcome.upgraded)
+            finally:
+                if outcome.backend_index is not None:
+                    self.route.group.finished(outcome.backend_index)
             return False
         return outcome.reusable
 
@@ -172,13 +178,16 @@ class H1Session:
         if isinstance(ev, h11.Data):
             return bytes(ev.data)
         if isinstance(ev, h11.EndOfMessage):
+            self.request_trailers = list(ev.headers)
             return None
         raise ClientGone()
 
     async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
         self._write(
             h11.InformationalResponse(
-                status_code=status, headers=response_headers_for_client(headers)
+                status_code=status,
+                headers=response_headers_for_client(headers),
+                reason=_phrase(status).encode(),
             )
         )
         await self._drain()
@@ -194,8 +203,11 @@ class H1Session:
         self._write(h11.Data(data=data))
         await self._drain()
 
-    async def end(self) -> None:
-        self._write(h11.EndOfMessage())
+    async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
+        try:
+            self._write(h11.EndOfMessage(headers=trailers))
+        except h11.LocalProtocolError:
+            self._write(h11.EndOfMessage())  # not chunked (HTTP/1.0 client): no trailers
         await self._drain()
 
     async def send_error(self, status: int, detail: str) -> None:
@@ -205,7 +217,7 @@ class H1Session:
         if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             self.abort()
             raise ClientGone()
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+        phrase = _phrase(status)
         body = f"{status} {phrase}\n".encode()
         headers = [
             (b"content-type", b"text/plain; charset=utf-8"),
@@ -303,3 +315,7 @@ def _upgrade_requested(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
 
 def _zero_length(headers: Sequence[tuple[bytes, bytes]]) -> bool:
     return any(name == b"content-length" and value.strip() == b"0" for name, value in headers)
+
+
+def _phrase(status: int) -> str:
+    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""

@@ -140,6 +140,10 @@ class H2Session:
                 self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             else:
                 found.feed(ev.data or b"", ev.flow_controlled_length)
+        elif isinstance(ev, h2.events.TrailersReceived):
+            found = self.streams.get(ev.stream_id)
+            if found is not None:
+                found.request_trailers = list(ev.headers or [])
         elif isinstance(ev, h2.events.StreamEnded):
             found = self.streams.get(ev.stream_id)
             if found is not None:
@@ -207,6 +211,7 @@ class _Stream:
         self.task: asyncio.Task[None] | None = None
         self._sent_head = False
         self._cancelled = False
+        self.request_trailers: list[Header] = []
 
     def start(self, raw: Sequence[tuple[bytes, bytes]], ended: bool) -> None:
         if ended:
@@ -319,9 +324,12 @@ class _Stream:
             view = view[window:]
             await self.session.drain()
 
-    async def end(self) -> None:
+    async def end(self, trailers: list[Header]) -> None:
         self._check()
-        self.conn.end_stream(self.stream_id)
+        if trailers:
+            self.conn.send_headers(self.stream_id, trailers, end_stream=True)
+        else:
+            self.conn.end_stream(self.stream_id)
         self.session.flush()
 
     async def send_error(self, status: int, detail: str) -> None:
@@ -347,7 +355,7 @@ class _Stream:
             b"",
         )
         await self.send_data(body)
-        await self.end()
+        await self.end([])
 
     def abort(self) -> None:
         if not self._cancelled:

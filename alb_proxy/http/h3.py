@@ -113,6 +113,7 @@ class _Stream:
         self._task: asyncio.Task[None] | None = None
         self._sent_head = False
         self._cancelled = False
+        self.request_trailers: list[tuple[bytes, bytes]] = []
 
     def start(self, headers: Sequence[tuple[bytes, bytes]], ended: bool) -> None:
         if ended:
@@ -216,9 +217,12 @@ class _Stream:
                 self.abort()
                 raise ClientGone() from exc
 
-    async def end(self) -> None:
+    async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         self._check()
-        self.h3.send_data(self.stream_id, b"", end_stream=True)
+        if trailers:
+            self.h3.send_headers(self.stream_id, trailers, end_stream=True)
+        else:
+            self.h3.send_data(self.stream_id, b"", end_stream=True)
         self.protocol.transmit()
 
     async def send_error(self, status: int, detail: str) -> None:

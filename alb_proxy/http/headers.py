@@ -28,7 +28,6 @@ HOP_BY_HOP: frozenset[bytes] = frozenset(
         b"proxy-authorization",
         b"proxy-connection",
         b"te",
-        b"trailer",
         b"transfer-encoding",
         b"upgrade",
     }

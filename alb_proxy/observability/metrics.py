@@ -51,6 +51,12 @@ class Metrics:
             ["listener"],
             registry=r,
         )
+        self.server_healthy = Gauge(
+            "alb_upstream_server_healthy",
+            "1 while a backend server takes traffic.",
+            ["server"],
+            registry=r,
+        )
         self.config_generation = Gauge(
             "alb_config_generation", "Generation of the snapshot being served.", registry=r
         )

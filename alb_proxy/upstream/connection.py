@@ -66,7 +66,7 @@ class BackendConnection:
         self.write(event)
         await self.writer.drain()
 
-    async def next_event(self, timeout: float) -> h11.Event:
+    async def next_event(self, timeout: float | None) -> h11.Event:
         """The next response event; raises TimeoutError, BackendClosed or RemoteProtocolError."""
         while True:
             event = self.h11.next_event()

@@ -1,11 +1,17 @@
-"""A server group as the data plane sees it: its backends and how to pick one."""
+"""A server group as the data plane sees it: its backends, how to pick one, and what to report.
+
+Built with each snapshot; the scheduler's position restarts when the group changes, while
+health and in-flight counts live in the daemon's :class:`HealthRegistry`, keyed by address, so
+they survive any change that keeps the server.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 
-from alb_proxy.upstream.schedulers import SmoothWeightedRoundRobin
+from alb_proxy.upstream.health import HealthRegistry
+from alb_proxy.upstream.schedulers import make_scheduler
 
 
 @dataclass(frozen=True)
@@ -20,15 +26,46 @@ class Backend:
 
 
 class GroupRuntime:
-    """Built with a snapshot; the scheduler's position restarts when the group changes."""
-
-    def __init__(self, group_id: str, backends: Sequence[Backend], connect_timeout: float) -> None:
+    def __init__(
+        self,
+        group_id: str,
+        backends: Sequence[Backend],
+        connect_timeout: float,
+        *,
+        scheduler: str = "wrr",
+        registry: HealthRegistry | None = None,
+    ) -> None:
         self.id = group_id
         self.backends = tuple(backends)
         self.connect_timeout = connect_timeout
-        self._scheduler = SmoothWeightedRoundRobin([b.weight for b in self.backends])
+        self.registry = registry or HealthRegistry()
+        addresses = [b.address for b in self.backends]
+        self._scheduler = make_scheduler(
+            scheduler,
+            [b.weight for b in self.backends],
+            keys=addresses,
+            in_flight=[self.registry.in_flight(a) for a in addresses],
+        )
 
-    def pick(self, client_ip: str) -> Backend | None:
-        """The backend for a new request, or None when no server can take traffic (503)."""
-        index = self._scheduler.pick()
-        return None if index is None else self.backends[index]
+    def pick(self, client_ip: str, exclude: Collection[int] = ()) -> int | None:
+        """Index of the backend for a new request: healthy, weight > 0, not in ``exclude``
+        (servers that already refused this request). None when there is none (503)."""
+        registry, backends = self.registry, self.backends
+        return self._scheduler.pick(
+            client_ip,
+            lambda i: i not in exclude and registry.is_healthy(backends[i].address),
+        )
+
+    def started(self, index: int) -> None:
+        self._scheduler.started(index)
+        self.registry.request_started(self.backends[index].address)
+
+    def finished(self, index: int) -> None:
+        self._scheduler.finished(index)
+        self.registry.request_finished(self.backends[index].address)
+
+    def connect_failed(self, index: int, detail: str) -> None:
+        self.registry.connect_failed(self.backends[index].address, detail)
+
+    def connect_succeeded(self, index: int) -> None:
+        self.registry.connect_succeeded(self.backends[index].address)
