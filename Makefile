@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/example.yaml
 
-.PHONY: run test lint typecheck certs clean
+.PHONY: run test bench certs clean
 
 $(BIN)/alb-proxy: pyproject.toml
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
@@ -43,6 +43,12 @@ test: $(VENV)/.test-deps
 	$(BIN)/ruff check alb_proxy tests
 	$(BIN)/mypy alb_proxy
 	$(BIN)/pytest -q
+
+bench: $(BIN)/alb-proxy
+	@command -v nginx >/dev/null && command -v haproxy >/dev/null && command -v wrk >/dev/null \
+	  && command -v h2load >/dev/null || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx haproxy wrk nghttp2-client; }
+	$(BIN)/python benchmarks/bench.py
 
 clean:
 	rm -rf $(VENV) certs state .pytest_cache .mypy_cache .ruff_cache
