@@ -49,16 +49,24 @@ class _Client(QuicConnectionProtocol):
         stream_id = self._quic.get_next_available_stream_id()
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self.waiters[stream_id] = waiter
-        self.h3.send_headers(stream_id, [(b":method", b"GET"), (b":scheme", b"https"),
-                                         (b":authority", authority), (b":path", path)],
-                             end_stream=True)
+        self.h3.send_headers(
+            stream_id,
+            [
+                (b":method", b"GET"),
+                (b":scheme", b"https"),
+                (b":authority", authority),
+                (b":path", path),
+            ],
+            end_stream=True,
+        )
         self.transmit()
         return await waiter
 
 
 async def _run(args: argparse.Namespace) -> None:
-    config = QuicConfiguration(is_client=True, alpn_protocols=H3_ALPN,
-                               verify_mode=ssl.CERT_NONE, server_name=args.sni)
+    config = QuicConfiguration(
+        is_client=True, alpn_protocols=H3_ALPN, verify_mode=ssl.CERT_NONE, server_name=args.sni
+    )
     statuses: Counter[int] = Counter()
     latencies: list[float] = []
     deadline = time.perf_counter() + args.duration
@@ -71,8 +79,9 @@ async def _run(args: argparse.Namespace) -> None:
             latencies.append(time.perf_counter() - started)
 
     async def connection() -> None:
-        async with connect(args.host, args.port, configuration=config,
-                           create_protocol=_Client) as client:
+        async with connect(
+            args.host, args.port, configuration=config, create_protocol=_Client
+        ) as client:
             assert isinstance(client, _Client)
             await asyncio.gather(*(stream_loop(client) for _ in range(args.streams)))
 
@@ -83,8 +92,10 @@ async def _run(args: argparse.Namespace) -> None:
     total = sum(statuses.values())
     p50 = latencies[len(latencies) // 2] * 1000 if latencies else 0
     p99 = latencies[int(len(latencies) * 0.99)] * 1000 if latencies else 0
-    print(f"h3load: {total} requests in {elapsed:.2f} s = {total / elapsed:.0f} req/s; "
-          f"status {dict(statuses)}; p50 {p50:.2f} ms, p99 {p99:.2f} ms")
+    print(
+        f"h3load: {total} requests in {elapsed:.2f} s = {total / elapsed:.0f} req/s; "
+        f"status {dict(statuses)}; p50 {p50:.2f} ms, p99 {p99:.2f} ms"
+    )
 
 
 def main() -> None:

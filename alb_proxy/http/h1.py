@@ -35,6 +35,7 @@ from alb_proxy.upstream.connection import BackendConnection
 MAX_HEADER_BYTES = 64 * 1024
 _READ_SIZE = 256 * 1024
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
+_COALESCE_LIMIT = 64 * 1024
 
 
 @dataclass
@@ -65,6 +66,9 @@ class H1Session:
         peer = writer.get_extra_info("peername")
         self.client_ip: str = peer[0] if peer else "-"
         self.request_trailers: list[tuple[bytes, bytes]] = []
+        self._out: list[bytes] = []
+        self._out_size = 0
+        self._flush_scheduled = False
 
     async def run(self) -> None:
         try:
@@ -73,6 +77,7 @@ class H1Session:
         except ClientGone:
             pass
         finally:
+            self._flush_out()
             self.writer.close()
 
     async def _one_exchange(self) -> bool:
@@ -201,7 +206,13 @@ class H1Session:
 
     async def send_data(self, data: bytes) -> None:
         self._write(h11.Data(data=data))
-        await self._drain()
+        if self._out_size >= _COALESCE_LIMIT:
+            await self._drain()
+        elif not self._flush_scheduled:
+            # Small pieces written in this loop iteration (head, body, end) leave as one
+            # write: one TLS record, one syscall. Streaming bodies still leave promptly.
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_out)
 
     async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
         try:
@@ -247,9 +258,18 @@ class H1Session:
     def _write(self, ev: h11.Event) -> None:
         data = self.h11.send(ev)
         if data:
-            self.writer.write(data)
+            self._out.append(data)
+            self._out_size += len(data)
+
+    def _flush_out(self) -> None:
+        self._flush_scheduled = False
+        if self._out:
+            out, self._out, self._out_size = self._out, [], 0
+            if not self.writer.is_closing():
+                self.writer.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def _drain(self) -> None:
+        self._flush_out()
         try:
             await self.writer.drain()
         except ConnectionError as exc:
@@ -272,6 +292,7 @@ class H1Session:
             conn.close()  # the client never asked for this upgrade
             await self.send_error(502, "backend switched protocols unasked")
             return
+        self._flush_out()
         self.writer.write(conn.h11.trailing_data[0])
         conn.writer.write(self.h11.trailing_data[0])
         route.metrics.tunnels_active.labels(route.listener).inc()
