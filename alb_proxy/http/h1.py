@@ -21,6 +21,7 @@ from http import HTTPStatus
 
 import h11
 
+from alb_proxy.http.fields import error_response
 from alb_proxy.http.forward import (
     BadRequestBody,
     ClientGone,
@@ -229,12 +230,8 @@ class H1Session:
             self.abort()
             raise ClientGone()
         phrase = _phrase(status)
-        body = f"{status} {phrase}\n".encode()
-        headers = [
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"connection", b"close"),
-        ]
+        headers, body = error_response(status)
+        headers.append((b"connection", b"close"))
         if status >= 500 or status in (400, 431):
             event(
                 logging.INFO,

@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from http import HTTPStatus
 
 import h2.config
 import h2.connection
@@ -29,8 +28,15 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
+from alb_proxy.http.fields import (
+    MAX_FIELD_BYTES,
+    Refusal,
+    error_response,
+    host_of,
+    request_from_fields,
+)
 from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
-from alb_proxy.http.h1 import MAX_HEADER_BYTES, ConnectionControl
+from alb_proxy.http.h1 import ConnectionControl
 from alb_proxy.observability.log import event
 
 MAX_CONCURRENT_STREAMS = 128
@@ -74,7 +80,7 @@ class H2Session:
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_HEADER_BYTES,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_FIELD_BYTES,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
             },
         )
@@ -247,37 +253,20 @@ class _Stream:
     async def _request(
         self, raw: Sequence[tuple[bytes, bytes]], ended: bool
     ) -> ForwardRequest | None:
-        pseudo: dict[bytes, bytes] = {}
-        headers: list[Header] = []
-        size = 0
-        for name, value in raw:
-            size += len(name) + len(value) + 32
-            if name.startswith(b":"):
-                pseudo[name] = value
-            elif name != b"host":
-                headers.append((name, value))
-        if size > MAX_HEADER_BYTES:
-            await self.send_error(431, "header list too large")
-            return None
-        method, path = pseudo.get(b":method"), pseudo.get(b":path")
-        authority = pseudo.get(b":authority") or dict(raw).get(b"host")
-        if not method or not path or not authority or method == b"CONNECT":
-            await self.send_error(400, "missing or unsupported pseudo-headers")
-            return None
-        host = _host_of(authority.decode("latin-1"))
-        if not self.session.authority_ok(host):
-            await self.send_error(421, f"this connection's certificate does not cover {host}")
-            return None
-        headers.insert(0, (b"host", authority))
-        declared = dict(headers).get(b"content-length", b"").strip()
-        return ForwardRequest(
-            method=method,
-            target=path,
-            headers=headers,
-            has_body=not ended and declared != b"0",
+        request = request_from_fields(
+            raw,
+            ended=ended,
             client_ip=self.session.client_ip,
             client_cert_headers=self.session.client_cert_headers,
         )
+        if isinstance(request, Refusal):
+            await self.send_error(request.status, request.detail)
+            return None
+        host = host_of(request.headers[0][1])
+        if not self.session.authority_ok(host):
+            await self.send_error(421, f"this connection's certificate does not cover {host}")
+            return None
+        return request
 
     # -- Downstream ---------------------------------------------------------------------------
 
@@ -344,16 +333,8 @@ class _Stream:
                 status=status,
                 detail=detail,
             )
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-        body = f"{status} {phrase}\n".encode()
-        await self.send_head(
-            status,
-            [
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-            b"",
-        )
+        headers, body = error_response(status)
+        await self.send_head(status, headers, b"")
         await self.send_data(body)
         await self.end([])
 
@@ -367,10 +348,3 @@ class _Stream:
     def _check(self) -> None:
         if self._cancelled:
             raise ClientGone()
-
-
-def _host_of(authority: str) -> str:
-    """``host`` of ``host:port`` / ``[v6]:port``, lowercased."""
-    if authority.startswith("["):
-        return authority[1 : authority.find("]")].lower()
-    return authority.rsplit(":", 1)[0].lower() if ":" in authority else authority.lower()

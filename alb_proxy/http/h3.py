@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from http import HTTPStatus
 from typing import Any
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
@@ -25,8 +24,8 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StreamReset
 
+from alb_proxy.http.fields import Refusal, error_response, request_from_fields
 from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
-from alb_proxy.http.h1 import MAX_HEADER_BYTES
 from alb_proxy.observability.log import event
 
 _SEND_HIGH_WATER = 1024 * 1024
@@ -153,33 +152,11 @@ class _Stream:
             self.protocol.stream_done(self.stream_id)
 
     def _request(self, raw: Sequence[tuple[bytes, bytes]], ended: bool) -> ForwardRequest | None:
-        pseudo: dict[bytes, bytes] = {}
-        headers: list[tuple[bytes, bytes]] = []
-        size = 0
-        for name, value in raw:
-            size += len(name) + len(value) + 32
-            if name.startswith(b":"):
-                pseudo[name] = value
-            elif name != b"host":
-                headers.append((name, value))
-        if size > MAX_HEADER_BYTES:
-            self._answer_sync(431, "header section too large")
+        request = request_from_fields(raw, ended=ended, client_ip=self.protocol.client_ip)
+        if isinstance(request, Refusal):
+            self._answer_sync(request.status, request.detail)
             return None
-        method, path = pseudo.get(b":method"), pseudo.get(b":path")
-        authority = pseudo.get(b":authority") or dict(raw).get(b"host")
-        if not method or not path or not authority or method == b"CONNECT":
-            self._answer_sync(400, "missing or unsupported pseudo-headers")
-            return None
-        headers.insert(0, (b"host", authority))
-        declared = dict(headers).get(b"content-length", b"").strip()
-        has_body = not ended and declared != b"0"
-        return ForwardRequest(
-            method=method,
-            target=path,
-            headers=headers,
-            has_body=has_body,
-            client_ip=self.protocol.client_ip,
-        )
+        return request
 
     # -- Downstream ---------------------------------------------------------------------------
 
@@ -245,16 +222,8 @@ class _Stream:
     def _answer_sync(self, status: int, detail: str) -> None:
         if self._cancelled or self._sent_head:
             return
-        phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
-        body = f"{status} {phrase}\n".encode()
-        self.h3.send_headers(
-            self.stream_id,
-            [
-                (b":status", str(status).encode()),
-                (b"content-type", b"text/plain; charset=utf-8"),
-                (b"content-length", str(len(body)).encode()),
-            ],
-        )
+        headers, body = error_response(status)
+        self.h3.send_headers(self.stream_id, [(b":status", str(status).encode()), *headers])
         self.h3.send_data(self.stream_id, body, end_stream=True)
         self._sent_head = True
         self.protocol.transmit()
