@@ -62,7 +62,11 @@ def proxy(
         "server_groups": [_group(name, b.port) for name, b in backends.items()]
         + [_group("demo", demo_backend.port)],
         "listeners": [_listener(name, 9100 + i, name) for i, name in enumerate(backends)]
-        + [_listener("demo", 9110, "demo"), _listener("slow", 9111, "demo", idle_timeout_s=1)],
+        + [
+            _listener("demo", 9110, "demo"),
+            _listener("slow", 9111, "demo", idle_timeout_s=1),
+            _listener("small", 9112, "demo", max_header_bytes=2048),
+        ],
     }
     p = start_proxy(tmp_path_factory.mktemp("backends"), config)
     yield p
@@ -142,3 +146,9 @@ def test_drain_with_a_half_sent_request_logs_no_error(
             pass
         assert p.stop() == 0
     assert "connection error" not in p.log and "Traceback" not in p.log
+
+
+def test_max_header_bytes_is_per_listener(proxy: Proxy) -> None:
+    header = "X-Big: " + "a" * 3000
+    assert _get(proxy.port("small"), "-H", header)[0] == "431"
+    assert _get(proxy.port("demo"), "-H", header)[0] == "200"

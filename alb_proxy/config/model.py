@@ -173,6 +173,8 @@ class Listener:
     """Close a client connection idle this long between requests."""
     request_timeout_s: float = 60.0
     """Answer 504 when the backend has not answered within this time."""
+    max_header_bytes: int = 65536
+    """Largest request head (HTTP/1.1) or header section (HTTP/2, HTTP/3) accepted; 431 above."""
 
 
 @dataclass(frozen=True)

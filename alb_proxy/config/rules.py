@@ -204,6 +204,7 @@ def _check_listener(
     if _ip_address(listener.bind) is None:
         yield Problem(f"{path}.bind", f"expected an IP address, got {listener.bind!r}")
     yield from _between(f"{path}.idle_timeout_s", listener.idle_timeout_s, 1, 600, " seconds")
+    yield from _between(f"{path}.max_header_bytes", listener.max_header_bytes, 1024, 1048576)
     yield from _between(f"{path}.request_timeout_s", listener.request_timeout_s, 1, 600, " seconds")
     policy = listener.security_policy
     if policy not in policies:

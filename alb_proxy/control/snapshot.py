@@ -107,6 +107,7 @@ def build_snapshot(
             metrics=metrics,
             idle_timeout=listener.idle_timeout_s,
             request_timeout=listener.request_timeout_s,
+            max_header_bytes=listener.max_header_bytes,
         )
         if listener.protocol is Protocol.QUIC:
             plans[listener.name] = QuicPlan(

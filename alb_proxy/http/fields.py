@@ -13,7 +13,6 @@ from http import HTTPStatus
 
 from alb_proxy.http.forward import ForwardRequest, Header
 
-MAX_FIELD_BYTES = 64 * 1024
 _PER_FIELD_OVERHEAD = 32
 """Counted per field as HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2)."""
 
@@ -30,6 +29,7 @@ def request_from_fields(
     ended: bool,
     client_ip: str,
     client_cert_headers: Sequence[Header] = (),
+    max_bytes: int = 64 * 1024,
 ) -> ForwardRequest | Refusal:
     pseudo: dict[bytes, bytes] = {}
     headers: list[Header] = []
@@ -43,7 +43,7 @@ def request_from_fields(
             host = value
         else:
             headers.append((name, value))
-    if size > MAX_FIELD_BYTES:
+    if size > max_bytes:
         return Refusal(431, f"header section of {size} bytes")
     method, path = pseudo.get(b":method"), pseudo.get(b":path")
     authority = pseudo.get(b":authority") or host

@@ -50,6 +50,8 @@ class RouteSettings:
     request_timeout: float
     response_headers: tuple[Header, ...] = ()
     """Added to every response (e.g. Alt-Svc)."""
+    max_header_bytes: int = 64 * 1024
+    """Largest request head or header section accepted (431 above)."""
 
 
 @dataclass(frozen=True)

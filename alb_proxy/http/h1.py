@@ -33,7 +33,6 @@ from alb_proxy.http.headers import response_headers_for_client
 from alb_proxy.observability.log import event
 from alb_proxy.upstream.connection import BackendConnection
 
-MAX_HEADER_BYTES = 64 * 1024
 _READ_SIZE = 256 * 1024
 _FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _COALESCE_LIMIT = 64 * 1024
@@ -63,7 +62,7 @@ class H1Session:
         self.route = route
         self.control = control
         self.client_cert_headers = client_cert_headers
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES)
+        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=route.max_header_bytes)
         peer = writer.get_extra_info("peername")
         self.client_ip: str = peer[0] if peer else "-"
         self.request_trailers: list[tuple[bytes, bytes]] = []
@@ -110,7 +109,7 @@ class H1Session:
 
     async def _forward(self, request: h11.Request) -> bool:
         head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
-        if head_size > MAX_HEADER_BYTES:
+        if head_size > self.route.max_header_bytes:
             await self._refuse(431, f"request head of {head_size} bytes")
             return False
         framing = {name for name, _ in request.headers if name in _FRAMING}

@@ -29,7 +29,6 @@ import h2.exceptions
 import h2.settings
 
 from alb_proxy.http.fields import (
-    MAX_FIELD_BYTES,
     Refusal,
     error_response,
     host_of,
@@ -80,7 +79,7 @@ class H2Session:
             client=False,
             initial_values={
                 h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: MAX_FIELD_BYTES,
+                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: self.route.max_header_bytes,
                 h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: _WINDOW,
             },
         )
@@ -258,6 +257,7 @@ class _Stream:
             ended=ended,
             client_ip=self.session.client_ip,
             client_cert_headers=self.session.client_cert_headers,
+            max_bytes=self.route.max_header_bytes,
         )
         if isinstance(request, Refusal):
             await self.send_error(request.status, request.detail)

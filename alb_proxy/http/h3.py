@@ -152,7 +152,12 @@ class _Stream:
             self.protocol.stream_done(self.stream_id)
 
     def _request(self, raw: Sequence[tuple[bytes, bytes]], ended: bool) -> ForwardRequest | None:
-        request = request_from_fields(raw, ended=ended, client_ip=self.protocol.client_ip)
+        request = request_from_fields(
+            raw,
+            ended=ended,
+            client_ip=self.protocol.client_ip,
+            max_bytes=self.route.max_header_bytes,
+        )
         if isinstance(request, Refusal):
             self._answer_sync(request.status, request.detail)
             return None
