@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
     dev.set_defaults(handler=_certs_dev)
     ctl.add_commands(commands, certs)
 
+    # Started by the daemon, one per worker slot (``workers/worker.py``); not for people.
+    worker = commands.add_parser("worker")
+    worker.add_argument("--slot", type=int, required=True)
+    worker.add_argument("--channel-fd", type=int, required=True)
+    worker.add_argument("--log-level", default="INFO")
+    worker.add_argument("--drain-timeout", type=float, required=True)
+    worker.set_defaults(handler=_worker)
+
     demo = commands.add_parser("demo-backend", help="run an HTTP echo server to forward to")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--port", type=int, default=8081)
@@ -91,6 +99,7 @@ def _run(args: argparse.Namespace) -> int:
             RunOptions(
                 ephemeral_ports=args.ephemeral_ports,
                 ready_fd=args.ready_fd,
+                log_level=args.log_level,
             ),
         )
     except ConfigError as exc:
@@ -108,6 +117,18 @@ def _run(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"alb-proxy: cannot serve: {exc}", file=sys.stderr)
         return 1
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import uvloop
+
+    from alb_proxy.observability.log import set_context, setup_logging
+    from alb_proxy.workers.worker import serve_worker
+
+    setup_logging(args.log_level)
+    set_context(worker=args.slot)
+    result: int = uvloop.run(serve_worker(args.slot, args.channel_fd, args.drain_timeout))
+    return result
 
 
 def _certs_dev(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ import logging
 import os
 import secrets
 import signal
+import time
 from collections.abc import Coroutine
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -29,20 +30,22 @@ from typing import Any
 from alb_proxy.config.dump import dump_config
 from alb_proxy.config.load import load_config, parse_config
 from alb_proxy.config.model import Admin, Config
-from alb_proxy.config.rules import check_config
+from alb_proxy.config.rules import MAX_WORKERS, check_config
 from alb_proxy.control.admin import AdminServer
 from alb_proxy.control.api import AdminApi
-from alb_proxy.control.plane import ControlPlane
-from alb_proxy.control.snapshot import Snapshot, build_snapshot, health_checks
+from alb_proxy.control.plane import Build, ControlPlane
+from alb_proxy.control.snapshot import Snapshot, build_snapshot
 from alb_proxy.control.store import Store, write_atomic
 from alb_proxy.control.views import expiring_in_use
+from alb_proxy.dataplane import DataPlane
 from alb_proxy.errors import AlbError, ConfigError
-from alb_proxy.listeners.quic import QuicListener, QuicPlan
-from alb_proxy.listeners.tcp import ListenerPlan, TcpListener
+from alb_proxy.listeners.sockets import ListenerSockets, bindings
 from alb_proxy.observability.log import event
+from alb_proxy.observability.merge import families, merge, render
 from alb_proxy.observability.metrics import Metrics
 from alb_proxy.upstream.health import HealthRegistry
 from alb_proxy.upstream.pool import ConnectionPool
+from alb_proxy.workers.supervisor import Publication, Workers
 
 DRAIN_TIMEOUT_S = 30.0
 EXPIRY_CHECK_INTERVAL_S = 12 * 3600
@@ -56,24 +59,49 @@ class RunOptions:
     ready_fd: int | None = None
     """Write one JSON line per state change (ready, reloaded, ...) to this descriptor."""
     drain_timeout: float = DRAIN_TIMEOUT_S
+    log_level: str = "INFO"
+    """Passed on to worker processes."""
 
 
 class Daemon:
+    """The control plane process: store, admin API, signals, and the sockets of every port.
+
+    With ``workers: 1`` it serves the traffic itself (one ``DataPlane`` in this process);
+    otherwise it serves none and drives N worker processes, each with its own data plane on the
+    same sockets (``workers/``). Either way a change is validated and built here first, so a
+    refused change never reaches a data plane.
+    """
+
     def __init__(self, file_config: Config, config_path: Path, options: RunOptions) -> None:
         self.config_path = config_path
         self.options = options
         self.metrics = Metrics()
-        self.pool = ConnectionPool()
-        self.registry = HealthRegistry(on_change=self._health_changed)
         self.store = Store(file_config.state_dir)
-        snapshot = self._initial_snapshot(file_config)
-        self.plane = ControlPlane(
-            self.store, snapshot, self.pool, self.metrics, self._publish, registry=self.registry
-        )
+        count = worker_count(file_config.workers)
+        self.dataplane: DataPlane | None = None
+        self.workers: Workers | None = None
+        build: Build
+        if count == 1:
+            self.dataplane = DataPlane(self.metrics, options.drain_timeout)
+            build = self.dataplane.build
+        else:
+            self.workers = Workers(
+                count,
+                self.metrics,
+                log_level=options.log_level,
+                drain_timeout=options.drain_timeout,
+                on_replaced=lambda slot, pid: self._notify(
+                    "worker_replaced", worker_slot=slot, worker_pid=pid
+                ),
+            )
+            build = self._validate
+        self.sockets = ListenerSockets(count, ephemeral=options.ephemeral_ports)
+        snapshot = self._initial_snapshot(file_config, build)
+        self.plane = ControlPlane(self.store, snapshot, build, self._publish, self.metrics)
         self.admin_token = _admin_token(file_config.admin, file_config.state_dir)
-        self.listeners: dict[str, TcpListener | QuicListener] = {}
         self._ready = False
-        self._port_override = 0 if options.ephemeral_ports else None
+        self._started = time.monotonic()
+        self._workers_started = False
         self._admin_port = 0
         self._background: set[asyncio.Future[object]] = set()
 
@@ -81,14 +109,24 @@ class Daemon:
     def snapshot(self) -> Snapshot:
         return self.plane.snapshot
 
-    def _initial_snapshot(self, file_config: Config) -> Snapshot:
+    def _validate(self, config: Config, generation: int) -> Snapshot:
+        """With workers, the control plane's own build only proves the config can be served
+        (every file, key and SSL context); each worker builds the snapshot it serves."""
+        return build_snapshot(
+            config, ConnectionPool(), self.metrics, registry=HealthRegistry(), generation=generation
+        )
+
+    def _initial_snapshot(self, file_config: Config, build: Build) -> Snapshot:
         """The store's state if the config file is the one it was imported from; otherwise
         the file (first start, or the operator edited it): the last thing touched wins."""
         stored = self.store.latest()
         file_sha = _sha256(self.config_path)
         if stored is not None and self.store.imported_file_sha256() == file_sha:
             config = replace(
-                parse_config(stored.body), admin=file_config.admin, state_dir=file_config.state_dir
+                parse_config(stored.body),
+                admin=file_config.admin,
+                state_dir=file_config.state_dir,
+                workers=file_config.workers,
             )
             problems = check_config(config)
             if problems:
@@ -99,17 +137,9 @@ class Daemon:
                 generation=stored.generation,
                 state_dir=file_config.state_dir,
             )
-            return build_snapshot(
-                config,
-                self.pool,
-                self.metrics,
-                registry=self.registry,
-                generation=stored.generation,
-            )
+            return build(config, stored.generation)
         generation = 1 if stored is None else stored.generation + 1
-        snapshot = build_snapshot(
-            file_config, self.pool, self.metrics, registry=self.registry, generation=generation
-        )
+        snapshot = build(file_config, generation)
         if stored is not None:
             event(
                 logging.WARNING,
@@ -128,25 +158,31 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         loop.add_signal_handler(signal.SIGHUP, lambda: self._in_background(self.reload()))
-        await self._publish(self.snapshot)
-        self.metrics.config_generation.set(self.snapshot.generation)
         config = self.snapshot.config
         host, _, port = config.admin.listen.rpartition(":")
-        api = AdminApi(self, self.admin_token)
-        admin = AdminServer(host.strip("[]"), int(port), api)
+        admin = AdminServer(host.strip("[]"), int(port), AdminApi(self, self.admin_token))
         try:
-            await admin.start(port_override=self._port_override)
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"admin.listen {config.admin.listen}: {exc.strerror or exc}"
-            ) from exc
+            await self._publish(self.snapshot)
+            self.metrics.config_generation.set(self.snapshot.generation)
+            try:
+                await admin.start(port_override=0 if self.options.ephemeral_ports else None)
+            except OSError as exc:
+                raise OSError(
+                    exc.errno, f"admin.listen {config.admin.listen}: {exc.strerror or exc}"
+                ) from exc
+        except BaseException:
+            self.sockets.close()
+            if self.workers is not None:
+                await self.workers.stop()
+            raise
         self._admin_port = admin.bound_port
         self._ready = True
         event(
             logging.INFO,
             "ready",
             instance=config.instance.name,
-            listeners=len(self.listeners),
+            listeners=len(self.sockets.current),
+            workers=len(self.workers.pids) if self.workers else 1,
             generation=self.snapshot.generation,
         )
         self._notify("ready")
@@ -156,12 +192,12 @@ class Daemon:
         event(logging.INFO, "draining", timeout_s=self.options.drain_timeout)
         self._ready = False
         admin.close()
-        await asyncio.gather(
-            *(x.drain(self.options.drain_timeout) for x in self.listeners.values())
-        )
+        self.sockets.close()  # stop accepting: the data planes hold the only other copies
+        if self.dataplane is not None:
+            await self.dataplane.drain()
+        if self.workers is not None:
+            await self.workers.stop()
         await asyncio.gather(*self._background, return_exceptions=True)
-        await self.registry.close()
-        self.pool.close_all()
         self.store.close()
         event(logging.INFO, "stopped")
         return 0
@@ -171,8 +207,28 @@ class Daemon:
         return self._ready
 
     def bound_port(self, listener: str) -> int | None:
-        running = self.listeners.get(listener)
-        return running.bound_port if running is not None else None
+        bound = self.sockets.current.get(listener)
+        return bound.port if bound is not None else None
+
+    async def render_metrics(self) -> bytes:
+        if self.workers is None:
+            return self.metrics.render()
+        return render(merge([families(self.metrics.registry), await self.workers.scrape()]))
+
+    async def worker_status(self) -> list[dict[str, object]]:
+        if self.workers is not None:
+            return await self.workers.status()
+        assert self.dataplane is not None
+        return [
+            {
+                "slot": 0,
+                "pid": os.getpid(),
+                "generation": self.dataplane.generation,
+                "uptime_s": round(time.monotonic() - self._started, 1),
+                "listeners": list(self.dataplane.serving),
+                "connections": self.metrics.accepted(),
+            }
+        ]
 
     async def reload(self) -> bool:
         """SIGHUP: make the running state match the config file, or change nothing."""
@@ -202,68 +258,39 @@ class Daemon:
             _warn_expiring(self.snapshot)
 
     async def _publish(self, snapshot: Snapshot) -> None:
-        """Swap plans in place where a listener keeps its address; bind or release the rest.
+        """Bind what is new (if a port is taken, nothing has changed yet), hand the snapshot
+        and its sockets to the data plane(s), then release what is no longer served.
 
-        New connections take the new plan; established ones keep the plan they started with.
-        QUIC listeners go first so HTTPS listeners can advertise their bound port (Alt-Svc).
+        New connections take the new plans; established ones keep the plans they started with.
         """
         _warn_expiring(snapshot)
-        self.registry.reconcile(health_checks(snapshot.config))
-        for group in snapshot.config.server_groups:
-            for server in group.servers:
-                healthy = self.registry.is_healthy(server.address)
-                self.metrics.server_healthy.labels(server.address).set(1 if healthy else 0)
-        stale = [
-            name
-            for name, running in self.listeners.items()
-            if name not in snapshot.plans
-            or _address(running.plan) != _address(snapshot.plans[name])
-        ]
-        # Bind what is new first: if a port is taken, nothing has changed yet.
-        quic_first = sorted(snapshot.plans.values(), key=lambda p: not isinstance(p, QuicPlan))
-        started: dict[str, TcpListener | QuicListener] = {}
+        table = self.sockets.stage({name: p.address for name, p in snapshot.plans.items()})
         try:
-            for plan in quic_first:
-                if plan.name in self.listeners and plan.name not in stale:
-                    continue
-                listener: TcpListener | QuicListener = (
-                    QuicListener(plan, self.metrics)
-                    if isinstance(plan, QuicPlan)
-                    else TcpListener(plan, self.metrics)
-                )
-                await listener.start(port_override=self._port_override)
-                started[plan.name] = listener
-        except OSError:
-            for listener in started.values():
-                listener.stop_accepting()
+            if self.dataplane is not None:
+                self.metrics.workers.set(1)
+                await self.dataplane.publish(snapshot, bindings(table, 0))
+            else:
+                assert self.workers is not None
+                publication = Publication(snapshot.generation, dump_config(snapshot.config), table)
+                if self._workers_started:
+                    await self.workers.publish(publication)
+                else:
+                    await self.workers.start(publication)
+                    self._workers_started = True
+        except BaseException:
+            self.sockets.rollback(table)
             raise
-        for name in stale:
-            gone = self.listeners.pop(name)
-            gone.stop_accepting()
-            self._in_background(gone.drain(self.options.drain_timeout))
+        before = self.sockets.current
+        self.sockets.commit(table)
+        for name, bound in table.items():
+            if before.get(name) is not bound:
+                plan = snapshot.plans[name]
+                where = f"{plan.bind}:{bound.port}" + ("/udp" if plan.protocol == "QUIC" else "")
+                event(
+                    logging.INFO, "listening", listener=name, protocol=plan.protocol, address=where
+                )
+        for name in before.keys() - table.keys():
             event(logging.INFO, "listener released", listener=name)
-        self.listeners.update(started)
-        for plan in quic_first:
-            if isinstance(plan, ListenerPlan) and plan.quic_upgrade:
-                plan = self._with_alt_svc(plan)
-            self.listeners[plan.name].plan = plan  # new connections only
-
-    def _with_alt_svc(self, plan: ListenerPlan) -> ListenerPlan:
-        quic = self.listeners.get(plan.quic_upgrade or "")
-        if not isinstance(quic, QuicListener):
-            return plan
-        alt_svc = (b"alt-svc", f'h3=":{quic.bound_port}"; ma=86400'.encode())
-        route = replace(plan.route, response_headers=(*plan.route.response_headers, alt_svc))
-        return replace(plan, route=route)
-
-    def _health_changed(self, address: str, healthy: bool, reason: str) -> None:
-        self.metrics.server_healthy.labels(address).set(1 if healthy else 0)
-        event(
-            logging.INFO if healthy else logging.WARNING,
-            "server healthy" if healthy else "server unhealthy",
-            server=address,
-            reason=reason,
-        )
 
     def _in_background(self, work: Coroutine[Any, Any, object]) -> None:
         task = asyncio.ensure_future(work)
@@ -275,19 +302,26 @@ class Daemon:
         the bound ports once serving, then ``reloaded`` or ``reload_refused`` per SIGHUP."""
         if self.options.ready_fd is None:
             return
-        ports = {name: x.bound_port for name, x in self.listeners.items()}
         line = {
             "state": state,
             "pid": os.getpid(),
             "generation": self.snapshot.generation,
-            "listeners": ports,
+            "listeners": self.sockets.ports(),
             "admin": self._admin_port,
+            "workers": self.workers.pids if self.workers else [os.getpid()],
             **extra,
         }
         try:
             os.write(self.options.ready_fd, (json.dumps(line) + "\n").encode())
         except OSError:
             self.options = dataclasses.replace(self.options, ready_fd=None)  # reader went away
+
+
+def worker_count(configured: int | None) -> int:
+    """``workers`` as configured, else one per CPU this process may run on."""
+    if configured is not None:
+        return configured
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
 
 
 def _warn_expiring(snapshot: Snapshot) -> None:
@@ -303,10 +337,6 @@ def _warn_expiring(snapshot: Snapshot) -> None:
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _address(plan: ListenerPlan | QuicPlan) -> tuple[str, str, int]:
-    return (plan.protocol, plan.bind, plan.port)
 
 
 def _admin_token(admin: Admin, state_dir: Path) -> str:

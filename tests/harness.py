@@ -29,16 +29,23 @@ import yaml
 START_TIMEOUT = 30.0
 
 
+_pending: dict[int, bytes] = {}
+"""Bytes read past the last line handed out, by descriptor (lines may arrive together)."""
+
+
 def _read_line(fd: int, timeout: float, what: str, log: Path | None) -> str:
-    data = b""
-    while not data.endswith(b"\n"):
+    data = _pending.pop(fd, b"")
+    while b"\n" not in data:
         ready, _, _ = select.select([fd], [], [], timeout)
         chunk = os.read(fd, 4096) if ready else b""
         if not chunk:
             detail = log.read_text() if log is not None and log.exists() else ""
             raise RuntimeError(f"{what} did not become ready:\n{detail}")
         data += chunk
-    return data.decode()
+    line, _, rest = data.partition(b"\n")
+    if rest:
+        _pending[fd] = rest
+    return line.decode() + "\n"
 
 
 @dataclass
@@ -49,6 +56,8 @@ class Proxy:
     log_path: Path
     config_path: Path
     notify_fd: int
+    workers: list[int] = field(default_factory=list)
+    """Pids of the worker processes (the daemon's own pid with ``workers: 1``)."""
     stopped: bool = field(default=False)
 
     def reload(self, config: dict[str, Any]) -> dict[str, Any]:
@@ -61,6 +70,14 @@ class Proxy:
         )
         if state["state"] == "reloaded":
             self.ports = state["listeners"]
+        return state
+
+    def next_state(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """The daemon's next ``--ready-fd`` line (e.g. ``worker_replaced``)."""
+        state: dict[str, Any] = json.loads(
+            _read_line(self.notify_fd, timeout, "next state", self.log_path)
+        )
+        self.workers = state["workers"]
         return state
 
     def port(self, listener: str) -> int:
@@ -100,6 +117,7 @@ class Proxy:
             self.proc.send_signal(sig)
         code = self.proc.wait(timeout=timeout)
         if not self.stopped:
+            _pending.pop(self.notify_fd, None)
             os.close(self.notify_fd)
         self.stopped = True
         return code
@@ -112,7 +130,13 @@ def write_config(tmp_path: Path, config: dict[str, Any], name: str = "alb.yaml")
 
 
 def _with_defaults(tmp_path: Path, config: dict[str, Any]) -> dict[str, Any]:
-    return {"admin": {"listen": "127.0.0.1:9900"}, "state_dir": str(tmp_path / "state"), **config}
+    """One process unless a test asks for workers: most tests are about the data plane."""
+    return {
+        "admin": {"listen": "127.0.0.1:9900"},
+        "state_dir": str(tmp_path / "state"),
+        "workers": 1,
+        **config,
+    }
 
 
 def start_proxy(
@@ -150,7 +174,9 @@ def start_proxy(
         proc.wait()
         os.close(read_fd)
         raise
-    return Proxy(proc, ready["listeners"], ready["admin"], log_path, path, read_fd)
+    return Proxy(
+        proc, ready["listeners"], ready["admin"], log_path, path, read_fd, ready["workers"]
+    )
 
 
 def run_cli(

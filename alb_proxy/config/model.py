@@ -186,6 +186,9 @@ class Config:
     admin: Admin = field(default_factory=Admin)
     state_dir: Path = Path("./state")
     """Certificate store and changes applied at runtime."""
+    workers: int | None = None
+    """Data-plane processes sharing the ports; unset: one per CPU this process may run on.
+    1 serves everything in the daemon's own process. Read at start only."""
 
     def certificate(self, cert_id: str) -> Certificate | None:
         return next((c for c in self.certificates if c.id == cert_id), None)

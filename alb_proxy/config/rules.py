@@ -40,6 +40,8 @@ TLS13_POLICIES: tuple[str, ...] = (
 )
 """Policies that enable TLS 1.3, the only version QUIC speaks."""
 
+MAX_WORKERS = 64
+
 HEALTH_CHECK_CODES = ("http_2xx", "http_3xx", "http_4xx", "http_5xx")
 
 _KIND = {CertificateKind.SERVER: "a server certificate", CertificateKind.CA: "a CA certificate"}
@@ -62,6 +64,7 @@ def check_config(
         *_unique("server_groups", "id", [g.id for g in config.server_groups]),
         *_unique("listeners", "name", [x.name for x in config.listeners]),
         *_check_ports(config.listeners),
+        *_check_workers(config.workers),
     ]
     for i, cert in enumerate(config.certificates):
         problems += _check_certificate(f"certificates[{cert.id or i}]", cert)
@@ -72,6 +75,11 @@ def check_config(
         problems += _check_listener(path, listener, policies, tls13_policies)
         problems += _check_references(path, listener, config)
     return problems
+
+
+def _check_workers(workers: int | None) -> Iterator[Problem]:
+    if workers is not None:
+        yield from _between("workers", workers, 1, MAX_WORKERS)
 
 
 def _blank(path: str, value: str) -> Iterator[Problem]:

@@ -54,6 +54,10 @@ class Runtime(Protocol):
 
     def bound_port(self, listener: str) -> int | None: ...
 
+    async def render_metrics(self) -> bytes: ...
+
+    async def worker_status(self) -> list[dict[str, object]]: ...
+
 
 @dataclass(frozen=True)
 class Request:
@@ -121,7 +125,7 @@ class AdminApi:
     async def handle(self, request: Request) -> Response:
         path = request.path.split("?", 1)[0]
         if request.method == "GET" and path in ("/healthz", "/readyz", "/metrics", "/openapi.json"):
-            return self._public(path)
+            return await self._public(path)
         try:
             if "origin" in request.headers:
                 raise ApiError(403, "requests from web pages are not accepted")
@@ -143,10 +147,12 @@ class AdminApi:
         etag = (("ETag", f'"{self.plane.generation}"'),)
         return Response(status, body, headers=etag)
 
-    def _public(self, path: str) -> Response:
+    async def _public(self, path: str) -> Response:
         if path == "/metrics":
             return Response(
-                200, self.runtime.metrics.render(), "text/plain; version=0.0.4; charset=utf-8"
+                200,
+                await self.runtime.render_metrics(),
+                "text/plain; version=0.0.4; charset=utf-8",
             )
         if path == "/openapi.json":
             return Response(200, json.dumps(openapi_document(ROUTES)).encode())
@@ -637,3 +643,11 @@ async def put_config(api: AdminApi, request: Request, p: dict[str, str]) -> tupl
     config = parse_config(data)
     await api.plane.apply_config(config, "PUT /v1/config", if_match=api.if_match(request))
     return 200, api.changed(changed=api.plane.generation != before)
+
+
+# -- processes ----------------------------------------------------------------------------------
+
+
+@route("GET", "/v1/workers", "The data-plane processes: pid, generation served, listeners")
+async def get_workers(api: AdminApi, request: Request, p: dict[str, str]) -> tuple[int, Any]:
+    return 200, {"generation": api.plane.generation, "workers": await api.runtime.worker_status()}

@@ -22,15 +22,15 @@ from alb_proxy.config.dump import dump_config
 from alb_proxy.config.model import Certificate, CertificateKind, Config
 from alb_proxy.config.rules import check_config
 from alb_proxy.control.operations import OperationError, add_certificate, delete_certificate
-from alb_proxy.control.snapshot import Snapshot, build_snapshot
+from alb_proxy.control.snapshot import Snapshot
 from alb_proxy.control.store import CertificateRecord, Store
 from alb_proxy.errors import ConfigError
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
-from alb_proxy.upstream.health import HealthRegistry
-from alb_proxy.upstream.pool import ConnectionPool
 
 Operation = Callable[[Config], Config]
+Build = Callable[[Config, int], Snapshot]
+"""Builds the snapshot of a validated config at a generation (files, keys, SSL contexts)."""
 
 
 class PreconditionFailed(OperationError):
@@ -43,18 +43,15 @@ class ControlPlane:
         self,
         store: Store,
         snapshot: Snapshot,
-        pool: ConnectionPool,
-        metrics: Metrics,
+        build: Build,
         publish: Callable[[Snapshot], Awaitable[None]],
-        *,
-        registry: HealthRegistry | None = None,
+        metrics: Metrics,
     ) -> None:
         self.store = store
-        self._registry = registry
         self.snapshot = snapshot
-        self._pool = pool
-        self._metrics = metrics
+        self._build = build
         self._publish = publish
+        self._metrics = metrics
         self._lock = asyncio.Lock()
 
     @property
@@ -84,14 +81,7 @@ class ControlPlane:
             if problems:
                 raise ConfigError(problems)
             generation = current.generation + 1
-            snapshot = await asyncio.to_thread(
-                build_snapshot,
-                config,
-                self._pool,
-                self._metrics,
-                registry=self._registry,
-                generation=generation,
-            )
+            snapshot = await asyncio.to_thread(self._build, config, generation)
             try:
                 await self._publish(snapshot)
             except OSError as exc:
@@ -126,7 +116,16 @@ class ControlPlane:
         """Make the running state match a whole config (``ctl apply -f``, SIGHUP)."""
         running = self.snapshot.config
         # The process-level settings cannot move under a running daemon.
-        config = replace(config, admin=running.admin, state_dir=running.state_dir)
+        if config.workers != running.workers:
+            event(
+                logging.WARNING,
+                "workers changes take effect at the next start",
+                running=running.workers or "auto",
+                configured=config.workers or "auto",
+            )
+        config = replace(
+            config, admin=running.admin, state_dir=running.state_dir, workers=running.workers
+        )
         snapshot = await self.change(
             f"apply {source}", lambda _: config, if_match=if_match, file_sha256=file_sha256
         )

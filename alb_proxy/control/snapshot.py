@@ -42,7 +42,7 @@ class Snapshot:
 
 
 def load_certificates(
-    config: Config, now: datetime
+    config: Config, now: datetime, *, log_warnings: bool = True
 ) -> tuple[dict[str, ServerCertificate], dict[str, CaBundle]]:
     """Read and check every certificate of the config; every problem is reported at once."""
     servers: dict[str, ServerCertificate] = {}
@@ -64,7 +64,7 @@ def load_certificates(
     if problems:
         raise ConfigError(problems)
     loaded: list[ServerCertificate | CaBundle] = [*servers.values(), *cas.values()]
-    for item in loaded:
+    for item in loaded if log_warnings else ():
         for warning in item.warnings:
             event(logging.WARNING, "certificate warning", certificate=item.id, detail=warning)
     return servers, cas
@@ -78,10 +78,12 @@ def build_snapshot(
     registry: HealthRegistry | None = None,
     generation: int = 0,
     now: datetime | None = None,
+    log_warnings: bool = True,
 ) -> Snapshot:
+    """``log_warnings``: log certificate warnings (once per change, by the control plane)."""
     now = now or datetime.now(UTC)
     registry = registry or HealthRegistry()
-    servers, cas = load_certificates(config, now)
+    servers, cas = load_certificates(config, now, log_warnings=log_warnings)
     groups = {
         g.id: GroupRuntime(
             g.id,

@@ -9,7 +9,6 @@ turns its answer into aioquic's certificate objects.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -27,7 +26,7 @@ from aioquic.tls import CipherSuite
 from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h3 import H3Protocol
 from alb_proxy.listeners.quic_internals import install_sni_hook, stream_send_buffered
-from alb_proxy.observability.log import event
+from alb_proxy.listeners.sockets import Address
 from alb_proxy.observability.metrics import Metrics
 
 MAX_CONNECTIONS_PER_SOURCE = 256
@@ -75,6 +74,10 @@ class QuicPlan:
     certificates: QuicCertificates
     protocol: str = "QUIC"
 
+    @property
+    def address(self) -> Address:
+        return Address("udp", self.bind, self.port)
+
 
 class QuicListener:
     def __init__(self, plan: QuicPlan, metrics: Metrics) -> None:
@@ -87,13 +90,8 @@ class QuicListener:
     def name(self) -> str:
         return self.plan.name
 
-    @property
-    def bound_port(self) -> int:
-        assert self._transport is not None
-        port: int = self._transport.get_extra_info("sockname")[1]
-        return port
-
-    async def start(self, port_override: int | None = None) -> None:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve ``sock``, a bound UDP socket (``listeners.sockets``); the endpoint owns it."""
         loop = asyncio.get_running_loop()
         default = self.plan.certificates.choose(None, (0x0403,))
         configuration = QuicConfiguration(
@@ -106,28 +104,13 @@ class QuicListener:
         # aioquic wants one certificate up front; the SNI hook replaces it per connection.
         configuration.certificate, chain, configuration.private_key = default
         configuration.certificate_chain = list(chain)
-        port = self.plan.port if port_override is None else port_override
-        try:
-            transport, protocol = await loop.create_datagram_endpoint(
-                lambda: _GuardedServer(configuration=configuration, create_protocol=self._connect),
-                local_addr=(self.plan.bind, port),
-                family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
-            )
-        except OSError as exc:
-            raise OSError(
-                exc.errno,
-                f"listeners[{self.name}] {self.plan.bind}:{port}/udp: {exc.strerror or exc}",
-            ) from exc
+        transport, protocol = await loop.create_datagram_endpoint(
+            lambda: _GuardedServer(configuration=configuration, create_protocol=self._connect),
+            sock=sock,
+        )
         self._transport = transport
         assert isinstance(protocol, _GuardedServer)
         self._server = protocol
-        event(
-            logging.INFO,
-            "listening",
-            listener=self.name,
-            protocol="QUIC",
-            address=f"{self.plan.bind}:{self.bound_port}/udp",
-        )
 
     def _connect(self, connection: QuicConnection, **kwargs: Any) -> H3Protocol:
         plan = self.plan  # the snapshot this connection keeps for its life

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h1 import ConnectionControl, H1Session
 from alb_proxy.http.h2 import H2Session
+from alb_proxy.listeners.sockets import BACKLOG, Address
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 from alb_proxy.tls.clientcert import client_cert_headers
@@ -43,6 +44,10 @@ class ListenerPlan:
     quic_upgrade: str | None = None
     """QUIC listener advertised with Alt-Svc (its bound port is filled in once it listens)."""
 
+    @property
+    def address(self) -> Address:
+        return Address("tcp", self.bind, self.port)
+
 
 class TcpListener:
     def __init__(self, plan: ListenerPlan, metrics: Metrics) -> None:
@@ -55,38 +60,10 @@ class TcpListener:
     def name(self) -> str:
         return self.plan.name
 
-    @property
-    def bound_port(self) -> int:
-        assert self._server is not None and self._server.sockets
-        port: int = self._server.sockets[0].getsockname()[1]
-        return port
-
-    async def start(self, port_override: int | None = None) -> None:
+    async def start(self, sock: socket.socket) -> None:
+        """Serve ``sock``, bound and listening (``listeners.sockets``); the server owns it."""
         loop = asyncio.get_running_loop()
-        port = self.plan.port if port_override is None else port_override
-        try:
-            self._server = await self._bind(loop, port)
-        except OSError as exc:
-            raise OSError(
-                exc.errno, f"listeners[{self.name}] {self.plan.bind}:{port}: {exc.strerror or exc}"
-            ) from exc
-        event(
-            logging.INFO,
-            "listening",
-            listener=self.name,
-            protocol=self.plan.protocol,
-            address=f"{self.plan.bind}:{self.bound_port}",
-        )
-
-    async def _bind(self, loop: asyncio.AbstractEventLoop, port: int) -> asyncio.Server:
-        return await loop.create_server(
-            self._accept,
-            host=self.plan.bind,
-            port=port,
-            family=socket.AF_INET6 if ":" in self.plan.bind else socket.AF_INET,
-            reuse_address=True,
-            backlog=1024,
-        )
+        self._server = await loop.create_server(self._accept, sock=sock, backlog=BACKLOG)
 
     def _accept(self) -> asyncio.Protocol:
         plan = self.plan  # the snapshot this connection keeps for its life

@@ -10,6 +10,8 @@ import logging
 import sys
 
 logger = logging.getLogger("alb_proxy")
+_context = ""
+"""``key=value`` pairs ending every line of this process (a worker says which it is)."""
 
 
 def setup_logging(level: str = "INFO") -> None:
@@ -34,6 +36,11 @@ def fields(**values: object) -> str:
     return " ".join(parts)
 
 
+def set_context(**values: object) -> None:
+    global _context
+    _context = " " + fields(**values) if values else ""
+
+
 def event(level: int, message: str, **values: object) -> None:
     if logger.isEnabledFor(level):
-        logger.log(level, "%s %s", message, fields(**values))
+        logger.log(level, "%s %s%s", message, fields(**values), _context)

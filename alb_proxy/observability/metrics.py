@@ -67,5 +67,23 @@ class Metrics:
             registry=r,
         )
 
+        self.workers = Gauge(
+            "alb_workers", "Worker processes serving the current generation.", registry=r
+        )
+        self.worker_restarts_total = Counter(
+            "alb_worker_restarts", "Worker processes that exited and were replaced.", registry=r
+        )
+
+    def accepted(self) -> int:
+        """Client connections accepted so far, on every listener."""
+        return int(
+            sum(
+                sample.value
+                for family in self.connections_total.collect()
+                for sample in family.samples
+                if sample.name.endswith("_total")
+            )
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,0 +1,1 @@
+"""Worker processes: the supervisor in the control plane, the worker main, their channel."""
