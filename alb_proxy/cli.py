@@ -7,6 +7,7 @@ or certificate problem, printed one per line).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,12 +24,21 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "handler"):
         parser.print_help()
         return 2
-    result: int = args.handler(args)
+    try:
+        result: int = args.handler(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (`| head`): not an error worth a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return result
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="alb-proxy", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="alb-proxy",
+        description="TLS-termination edge proxy: a cloud load balancer listener, on one host",
+    )
     parser.add_argument("--version", action="version", version=f"alb-proxy {__version__}")
     commands = parser.add_subparsers(metavar="COMMAND")
 
@@ -115,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         return uvloop.run(daemon.run())
     except OSError as exc:
-        print(f"alb-proxy: cannot serve: {exc}", file=sys.stderr)
+        print(f"alb-proxy: cannot serve: {exc.strerror or exc}", file=sys.stderr)
         return 1
 
 

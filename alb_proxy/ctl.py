@@ -624,6 +624,7 @@ def _listener(_: argparse.Namespace, response: ApiResponse) -> str:
         ("mutual authentication", "enabled" if mtls.get("enabled") else "disabled"),
         ("CA certificates", _text(mtls.get("ca_certificates"))),
         ("server group", _text((x.get("default_action") or {}).get("forward"))),
+        ("QUIC upgrade", _text(x.get("quic_upgrade"))),
     ]
     for expiry in x.get("certificate_expiry") or []:
         pairs.append(

@@ -40,6 +40,8 @@ class DataPlane:
         self._drain_timeout = drain_timeout
         self._running: dict[str, tuple[int, Listener]] = {}
         self._draining: set[asyncio.Task[None]] = set()
+        self._reported: set[str] = set()
+        """Servers with an ``alb_upstream_server_healthy`` series."""
 
     def build(self, config: Config, generation: int, *, log_warnings: bool = True) -> Snapshot:
         """A snapshot wired to this process's pool, health registry and metrics."""
@@ -60,10 +62,13 @@ class DataPlane:
         """Serve ``snapshot``; ``bindings`` name every listener's socket token and port, with
         this process's descriptor where it serves the listener."""
         self.registry.reconcile(health_checks(snapshot.config))
-        for group in snapshot.config.server_groups:
-            for server in group.servers:
-                healthy = self.registry.is_healthy(server.address)
-                self.metrics.server_healthy.labels(server.address).set(1 if healthy else 0)
+        servers = {s.address for g in snapshot.config.server_groups for s in g.servers}
+        for address in self._reported - servers:
+            self.metrics.server_healthy.remove(address)  # a removed server is not "healthy"
+        for address in servers:
+            healthy = self.registry.is_healthy(address)
+            self.metrics.server_healthy.labels(address).set(1 if healthy else 0)
+        self._reported = servers
         served = {
             name: binding
             for name, binding in bindings.items()
@@ -110,7 +115,8 @@ class DataPlane:
         task.add_done_callback(self._draining.discard)
 
     def _health_changed(self, address: str, healthy: bool, reason: str) -> None:
-        self.metrics.server_healthy.labels(address).set(1 if healthy else 0)
+        if address in self._reported:
+            self.metrics.server_healthy.labels(address).set(1 if healthy else 0)
         event(
             logging.INFO if healthy else logging.WARNING,
             "server healthy" if healthy else "server unhealthy",

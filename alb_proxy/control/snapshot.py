@@ -60,7 +60,8 @@ def load_certificates(
             else:
                 cas[cert.id] = load_ca_bundle(cert.id, read_pem_file(cert.cert), now=now)
         except AlbError as exc:
-            problems.append(Problem(path, str(exc)))
+            # The path names the certificate already; the loader's message starts with its id.
+            problems.append(Problem(path, str(exc).removeprefix(f"{cert.id}: ")))
     if problems:
         raise ConfigError(problems)
     loaded: list[ServerCertificate | CaBundle] = [*servers.values(), *cas.values()]

@@ -106,12 +106,13 @@ def listener_view(
         "certificates": (
             {"default": certs.default, "additional": list(certs.additional)} if certs else None
         ),
-        "security_policy": listener.security_policy,
+        "security_policy": listener.security_policy if certs else None,
         "mutual_authentication": {
             "enabled": mtls.enabled,
             "ca_certificates": list(mtls.ca_certificates),
         },
         "default_action": {"forward": listener.default_action.forward},
+        "quic_upgrade": listener.quic_upgrade,
         "certificate_expiry": expiry,
     }
 
