@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import base64
 import contextlib
 import re
 import subprocess
@@ -228,6 +229,19 @@ def test_dsa_key_is_refused() -> None:
     )
     with pytest.raises(CertificateError, match="DSAPrivateKey keys cannot serve TLS"):
         load(pem_of(LEAF, INTER), key)
+
+
+def test_certificate_with_a_negative_serial_is_refused() -> None:
+    # RFC 5280 requires a positive serial; cryptography only warns about it today and will
+    # refuse it later, so it is refused now with a clear error rather than a warning.
+    der = bytearray(LEAF.cert.public_bytes(serialization.Encoding.DER))
+    at = der.index(b"\xa0\x03\x02\x01\x02\x02") + 7  # version [0], then the serial INTEGER
+    der[at] = 0xFF  # same length, sign bit set
+    body = base64.encodebytes(bytes(der)).replace(b"\n", b"")
+    lines = b"\n".join(body[i : i + 64] for i in range(0, len(body), 64))
+    cert_pem = b"-----BEGIN CERTIFICATE-----\n" + lines + b"\n-----END CERTIFICATE-----\n"
+    with pytest.raises(CertificateError, match=r"PEM block 1 is not a valid certificate.*serial"):
+        load(cert_pem, LEAF.key_pem())
 
 
 def test_naive_now_is_a_programming_error() -> None:

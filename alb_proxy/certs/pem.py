@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import TypeAlias
@@ -22,6 +23,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.utils import CryptographyDeprecationWarning
 
 from alb_proxy.errors import CertificateError
 
@@ -83,12 +85,16 @@ def load_certificates(what: str, data: bytes) -> list[x509.Certificate]:
         if block.label != "CERTIFICATE":
             raise CertificateError(f"{what}: PEM block {n} is {block.label}, not CERTIFICATE")
         try:
-            cert = x509.load_pem_x509_certificate(block.text)
-            # cryptography parses these lazily; touch them now so a malformed certificate is
-            # refused here rather than raising later from a property.
-            _ = (cert.extensions, cert.public_key(), cert.subject, cert.issuer)
-            _ = (cert.subject.rfc4514_string(), cert.issuer.rfc4514_string())
-        except (ValueError, UnsupportedAlgorithm) as exc:
+            # cryptography warns (and will later refuse) where RFC 5280 is broken, e.g. a
+            # serial that is not positive; refuse those now instead of leaking a warning.
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", CryptographyDeprecationWarning)
+                cert = x509.load_pem_x509_certificate(block.text)
+                # cryptography parses these lazily; touch them now so a malformed certificate
+                # is refused here rather than raising later from a property.
+                _ = (cert.extensions, cert.public_key(), cert.subject, cert.issuer)
+                _ = (cert.subject.rfc4514_string(), cert.issuer.rfc4514_string())
+        except (ValueError, UnsupportedAlgorithm, CryptographyDeprecationWarning) as exc:
             raise CertificateError(
                 f"{what}: PEM block {n} is not a valid certificate ({exc})"
             ) from exc

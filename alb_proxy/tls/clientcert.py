@@ -8,10 +8,12 @@ value may carry only visible ASCII safely, every byte of the UTF-8 form outside 
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Sequence
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
+from cryptography.utils import CryptographyDeprecationWarning
 
 HEADER_PREFIX = "x-forwarded-clientcert-"
 HEADER_NAMES = ("subjectdn", "issuerdn", "fingerprint", "serial", "clientverify")
@@ -37,5 +39,9 @@ _VALUES: dict[str, Callable[[x509.Certificate], bytes]] = {
 
 def client_cert_headers(der: bytes, enabled: Sequence[str]) -> list[tuple[bytes, bytes]]:
     """Headers for a client certificate that passed verification (hence ``SUCCESS``)."""
-    cert = x509.load_der_x509_certificate(der)
+    # OpenSSL has already verified it; a quirk cryptography merely warns about (a serial
+    # that is not positive) must not spill a warning per connection.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CryptographyDeprecationWarning)
+        cert = x509.load_der_x509_certificate(der)
     return [(f"{HEADER_PREFIX}{name}".encode(), _VALUES[name](cert)) for name in enabled]
