@@ -39,6 +39,7 @@ BODY = "x" * 100
 PROXY_CPU, LOAD_CPU = "0", "1"
 PORTS = {"backend": 18080, "tls": 18443, "mtls": 18444, "quic": 18443}
 TESTS = ("keepalive", "handshake_rsa", "handshake_ecdsa", "resumed", "h2", "mtls", "idle_rss", "h3")
+EXTRA = ("scaling",)
 
 
 def sh(*cmd: str, cpu: str | None = None, timeout: float = 600) -> str:
@@ -110,8 +111,8 @@ backend be
     return conf
 
 
-def write_alb_conf(work: Path, cert: Path, key: Path, ca: Path) -> Path:
-    conf = work / "alb.json"
+def write_alb_conf(work: Path, cert: Path, key: Path, ca: Path, workers: int = 1) -> Path:
+    conf = work / f"alb-{workers}.json"
     tls = {
         "certificates": {"default": "c"},
         "default_action": {"forward": "be"},
@@ -122,6 +123,7 @@ def write_alb_conf(work: Path, cert: Path, key: Path, ca: Path) -> Path:
         json.dumps(
             {
                 "instance": {"name": "bench"},
+                "workers": workers,
                 "state_dir": str(work / "alb-state"),
                 "admin": {"listen": "127.0.0.1:18990"},
                 "certificates": [
@@ -150,10 +152,9 @@ def write_alb_conf(work: Path, cert: Path, key: Path, ca: Path) -> Path:
 
 
 @contextmanager
-def running(cmd: list[str], cpu: str, ready_port: int, name: str) -> Iterator[int]:
-    proc = subprocess.Popen(
-        ["taskset", "-c", cpu, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+def running(cmd: list[str], cpu: str | None, ready_port: int, name: str) -> Iterator[int]:
+    pin = ["taskset", "-c", cpu] if cpu is not None else []
+    proc = subprocess.Popen([*pin, *cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 20
     while True:
         try:
@@ -194,7 +195,7 @@ def rss_kib(pid: int) -> int:
 # -- the measurements ---------------------------------------------------------------------
 
 
-def keepalive(duration: int, **_: object) -> dict[str, float]:
+def keepalive(duration: int, cpu: str | None = LOAD_CPU, **_: object) -> dict[str, float]:
     out = sh(
         "wrk",
         "-t1",
@@ -202,7 +203,7 @@ def keepalive(duration: int, **_: object) -> dict[str, float]:
         f"-d{duration}s",
         "--latency",
         f"https://localhost:{PORTS['tls']}/",
-        cpu=LOAD_CPU,
+        cpu=cpu,
     )
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
     lat = dict(re.findall(r"^\s+(50|99)%\s+([\d.]+\w+)", out, re.M))
@@ -215,16 +216,21 @@ def _ms(text: str) -> float:
 
 
 def s_time(
-    duration: int, pid: int, port: int, mode: str, extra: tuple[str, ...] = (), parallel: int = 4
+    duration: int,
+    pid: int,
+    port: int,
+    mode: str,
+    extra: tuple[str, ...] = (),
+    parallel: int = 4,
+    cpu: str | None = LOAD_CPU,
 ) -> dict[str, float]:
     """Parallel ``openssl s_time`` clients; connections/s and per proxy-CPU-second."""
     before = cpu_seconds(pid)
+    pin = ["taskset", "-c", cpu] if cpu is not None else []
     procs = [
         subprocess.Popen(
             [
-                "taskset",
-                "-c",
-                LOAD_CPU,
+                *pin,
                 "openssl",
                 "s_time",
                 "-connect",
@@ -305,6 +311,44 @@ def h3(duration: int, **_: object) -> dict[str, float]:
     return {"req/s": float(found.group(1)) if found else 0.0}
 
 
+def scaling(work: Path, cert: Path, key: Path, ca: Path, duration: int, runs: int) -> str:
+    """alb-proxy alone with ``workers: 1`` and ``workers: 2``, nothing pinned: how far a second
+    worker carries on this machine, where the load generator shares the same two cores."""
+    figures: dict[int, dict[str, list[float]]] = {}
+    for _ in range(runs):
+        for workers in (1, 2):
+            cmd = [
+                sys.executable,
+                "-m",
+                "alb_proxy",
+                "run",
+                "--config",
+                str(write_alb_conf(work, cert, key, ca, workers=workers)),
+            ]
+            with running(cmd, None, PORTS["tls"], f"alb-proxy x{workers}") as pid:
+                time.sleep(1.0)
+                ka = keepalive(duration, cpu=None)["req/s"]
+                hs = s_time(duration, pid, PORTS["tls"], "-new", cpu=None)["handshakes/s"]
+            by = figures.setdefault(workers, {})
+            by.setdefault("keep-alive req/s", []).append(ka)
+            by.setdefault("full handshakes/s", []).append(hs)
+    lines = [
+        "| alb-proxy workers | keep-alive req/s | full handshakes/s (ECDSA) |",
+        "|---|---|---|",
+    ]
+    med = {w: {k: statistics.median(v) for k, v in f.items()} for w, f in figures.items()}
+    for workers, row in med.items():
+        lines.append(
+            f"| {workers} | {row['keep-alive req/s']:.0f} | {row['full handshakes/s']:.0f} |"
+        )
+    one, two = med[1], med[2]
+    lines.append(
+        f"| 2 ÷ 1 | {two['keep-alive req/s'] / one['keep-alive req/s']:.2f}x | "
+        f"{two['full handshakes/s'] / one['full handshakes/s']:.2f}x |"
+    )
+    return "\n".join(lines)
+
+
 # -- driving ----------------------------------------------------------------------------------
 
 
@@ -313,7 +357,7 @@ def main() -> int:
     parser.add_argument("--duration", type=int, default=10)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--idle", type=int, default=5000)
-    parser.add_argument("--only", default=",".join(TESTS))
+    parser.add_argument("--only", default=",".join(TESTS + EXTRA))
     args = parser.parse_args()
     only = args.only.split(",")
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
@@ -385,6 +429,14 @@ def main() -> int:
                                     proxy, test, fn(duration=args.duration, pid=worker, **kwargs)
                                 )
     report = render(results)
+    if "scaling" in only:
+        cert, key = keys["ecdsa"]
+        with running(
+            ["nginx", "-c", str(write_backend_conf(work))], None, PORTS["backend"], "backend"
+        ):
+            report += "\n\n" + scaling(
+                work, cert, key, certs / "client-ca.pem", args.duration, args.runs
+            )
     print(report)
     out = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
