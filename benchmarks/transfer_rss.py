@@ -52,6 +52,7 @@ def main() -> int:
     backend_port = int(backend.stdout.readline().decode().rsplit(":", 1)[1])
     config = {
         "instance": {"name": "bench"},
+        "workers": 1,  # the process sampled is the one moving the bytes
         "state_dir": str(work / "state"),
         "admin": {"listen": "127.0.0.1:9900"},
         "certificates": [
