@@ -90,6 +90,7 @@ def _parser() -> argparse.ArgumentParser:
 def _run(args: argparse.Namespace) -> int:
     from alb_proxy.config.load import load_config
     from alb_proxy.control.snapshot import build_snapshot
+    from alb_proxy.control.store import StateDirBusy
     from alb_proxy.daemon import Daemon, RunOptions
     from alb_proxy.observability.log import setup_logging
     from alb_proxy.observability.metrics import Metrics
@@ -112,6 +113,9 @@ def _run(args: argparse.Namespace) -> int:
                 log_level=args.log_level,
             ),
         )
+    except StateDirBusy as exc:
+        print(f"alb-proxy: cannot serve: {exc}", file=sys.stderr)
+        return 1
     except ConfigError as exc:
         print(f"alb-proxy: {args.config}: refused:", file=sys.stderr)
         for problem in exc.problems:

@@ -12,6 +12,7 @@ import json
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -370,6 +371,30 @@ def test_changes_survive_a_restart(env: tuple[Proxy, Api, Any], tmp_path: Path) 
         assert "running state from the store" in again.log
     finally:
         assert again.stop() == 0
+
+
+def test_a_second_daemon_on_the_same_state_dir_is_refused_and_touches_nothing(
+    env: tuple[Proxy, Api, Any], tmp_path: Path
+) -> None:
+    proxy, api, _ = env
+    generation = api.ok("GET", "/v1/config")["generation"]
+    # An edited config file would make a start import it; the second daemon must not get there.
+    edited = proxy.config_path.read_text() + "# edited\n"
+    proxy.config_path.write_text(edited)
+    second = subprocess.run(
+        [sys.executable, "-m", "alb_proxy", "run", "--config", str(proxy.config_path)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=60,
+    )
+    assert second.returncode == 1, second.stderr
+    assert f"in use by another alb-proxy (pid {proxy.proc.pid})" in second.stderr
+    assert "Traceback" not in second.stderr
+    assert api.ok("GET", "/v1/config")["generation"] == generation
+    # The running daemon still takes changes: nobody else numbered a generation.
+    api.ok("PUT", "/v1/listeners/web/security-policy", {"security_policy": "tls_cipher_policy_1_2"})
+    assert api.ok("GET", "/v1/config")["generation"] == generation + 1
 
 
 def _config_of(proxy: Proxy) -> dict[str, Any]:

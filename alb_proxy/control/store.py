@@ -9,6 +9,7 @@ commits; a refused or failed change removes what it staged.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -16,6 +17,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+from alb_proxy.errors import AlbError
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS configs (
@@ -54,16 +57,19 @@ class CertificateRecord:
     uploaded_at: str
 
 
+class StateDirBusy(AlbError):
+    """Another daemon owns ``state_dir``: two writers would each number generations alone."""
+
+
 class Store:
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
         self.certs_dir = state_dir / "certs"
         self.keys_dir = state_dir / "keys"
-        for directory, mode in (
-            (state_dir, 0o700),
-            (self.certs_dir, 0o755),
-            (self.keys_dir, 0o700),
-        ):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        os.chmod(state_dir, 0o700)
+        self._lock_fd = _lock(state_dir / "lock")
+        for directory, mode in ((self.certs_dir, 0o755), (self.keys_dir, 0o700)):
             directory.mkdir(parents=True, exist_ok=True)
             os.chmod(directory, mode)
         self._db = sqlite3.connect(
@@ -75,6 +81,7 @@ class Store:
 
     def close(self) -> None:
         self._db.close()
+        os.close(self._lock_fd)  # releases the lock
 
     def latest(self) -> StoredConfig | None:
         row = self._db.execute(
@@ -146,6 +153,24 @@ class Store:
     def remove_files(self, cert_id: str) -> None:
         for path in (self.certs_dir / f"{cert_id}.pem", self.keys_dir / f"{cert_id}.key"):
             path.unlink(missing_ok=True)
+
+
+def _lock(path: Path) -> int:
+    """Hold an exclusive ``flock`` on ``path`` for the life of the process (the kernel drops
+    it when the process dies, so a crash never leaves a stale lock); the file names the pid."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise StateDirBusy(
+            f"state_dir {path.parent} is in use by another alb-proxy (pid {holder}); "
+            "stop it first, or give this one a state_dir of its own"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 class _transaction:
