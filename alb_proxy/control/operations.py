@@ -126,7 +126,14 @@ def replace_ca_certificates(
 
 
 def set_security_policy(config: Config, listener: str, policy: str) -> Config:
-    return _with_listener(config, replace(_listener(config, listener), security_policy=policy))
+    current = _listener(config, listener)
+    if current.certificates is None:
+        raise OperationError(
+            409,
+            f"listener '{listener}' ({current.protocol.value}) terminates no TLS: "
+            "it takes no security policy",
+        )
+    return _with_listener(config, replace(current, security_policy=policy))
 
 
 # -- listeners ---------------------------------------------------------------------------------
