@@ -33,7 +33,7 @@ from alb_proxy.config.model import Admin, Config
 from alb_proxy.config.rules import MAX_WORKERS, check_config
 from alb_proxy.control.admin import AdminServer
 from alb_proxy.control.api import AdminApi
-from alb_proxy.control.plane import Build, ControlPlane
+from alb_proxy.control.plane import Build, ControlPlane, with_uploads
 from alb_proxy.control.snapshot import Snapshot, build_snapshot
 from alb_proxy.control.store import Store, write_atomic
 from alb_proxy.control.views import expiring_in_use
@@ -139,6 +139,7 @@ class Daemon:
             )
             return build(config, stored.generation)
         generation = 1 if stored is None else stored.generation + 1
+        file_config = with_uploads(file_config, self.store)
         snapshot = build(file_config, generation)
         if stored is not None:
             event(

@@ -534,6 +534,39 @@ def test_config_show_then_apply(ctl: Ctl, proxy: Proxy, tmp_path: Path) -> None:
     assert error["problems"], error
 
 
+def test_uploads_belong_to_the_store_and_survive_apply_and_an_edited_file(
+    ctl: Ctl, proxy: Proxy, pki: CtlPki, tmp_path: Path
+) -> None:
+    extra_id = upload(ctl, "extra", pki.extra)
+    ctl.ok("ctl", "cert", "add", "web", extra_id)
+    key_file = tmp_path / "state" / "keys" / f"{extra_id}.key"
+    # A file that does not mention the upload: its listeners win, the upload stays stored.
+    (tmp_path / "plain.yaml").write_text(proxy.config_path.read_text())
+    ctl.ok("ctl", "apply", "-f", "plain.yaml")
+    assert extra_id in rows_of(ctl.ok("certs", "list"))
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert extra_id not in ctl.json("ctl", "listener", "show", "web")["certificates"]["additional"]
+    # A file may name an uploaded certificate by id.
+    config = yaml.safe_load(proxy.config_path.read_text())
+    config["listeners"][0]["certificates"]["additional"] = [extra_id]
+    (tmp_path / "named.yaml").write_text(yaml.safe_dump(config))
+    ctl.ok("ctl", "apply", "-f", "named.yaml")
+    assert served_fingerprint(proxy.port("web"), "extra.example.test") == pki.extra.fingerprint
+    # An edited file imported at the next start keeps the store's uploads too.
+    assert proxy.stop() == 0
+    edited = yaml.safe_load(proxy.config_path.read_text())
+    edited["listeners"][1]["security_policy"] = "tls_cipher_policy_1_2"
+    again = start_proxy(tmp_path, edited, env=clean_env(ALB_ADMIN_TOKEN=TOKEN))
+    try:
+        assert "config file changed since it was imported" in again.log
+        admin = ("--admin", f"http://127.0.0.1:{again.admin_port}")
+        listed = ctl.json("certs", "list", *admin)
+        assert extra_id in {c["id"] for c in listed["certificates"]}
+        assert key_file.exists()
+    finally:
+        assert again.stop() == 0
+
+
 def test_if_match_refuses_a_stale_generation(ctl: Ctl) -> None:
     generation = ctl.json("ctl", "config", "show")["generation"]
     args = ("ctl", "policy", "set", "legacy")

@@ -124,15 +124,14 @@ class ControlPlane:
                 configured=config.workers or "auto",
             )
         config = replace(
-            config, admin=running.admin, state_dir=running.state_dir, workers=running.workers
+            with_uploads(config, self.store),
+            admin=running.admin,
+            state_dir=running.state_dir,
+            workers=running.workers,
         )
-        snapshot = await self.change(
+        return await self.change(
             f"apply {source}", lambda _: config, if_match=if_match, file_sha256=file_sha256
         )
-        uploaded = self.store.records()
-        for cert_id in uploaded.keys() - {c.id for c in snapshot.config.certificates}:
-            self.store.remove_files(cert_id)
-        return snapshot
 
     async def upload(
         self,
@@ -182,6 +181,29 @@ class ControlPlane:
         )
         self.store.remove_files(cert_id)
         return snapshot
+
+
+def with_uploads(config: Config, store: Store) -> Config:
+    """``config`` plus every certificate uploaded to the store that it does not declare itself.
+
+    Uploaded certificates belong to the certificate store, not to a config file: making the
+    running state match a file (apply, SIGHUP, an edited file at start) changes listeners,
+    groups and the file's own certificates, and leaves uploads alone; only ``certs delete``
+    removes one. A file may name uploaded certificates by id."""
+    declared = {c.id for c in config.certificates}
+    uploads = tuple(
+        Certificate(
+            id=record.id,
+            kind=CertificateKind(record.kind),
+            cert=store.certs_dir / f"{record.id}.pem",
+            key=store.keys_dir / f"{record.id}.key"
+            if record.kind == CertificateKind.SERVER.value
+            else None,
+        )
+        for record in sorted(store.records().values(), key=lambda r: r.uploaded_at)
+        if record.id not in declared
+    )
+    return replace(config, certificates=(*config.certificates, *uploads)) if uploads else config
 
 
 def _slug(name: str) -> str:
