@@ -89,7 +89,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _run(args: argparse.Namespace) -> int:
     from alb_proxy.config.load import load_config
-    from alb_proxy.control.snapshot import build_snapshot
+    from alb_proxy.config.rules import check_config
+    from alb_proxy.control.snapshot import build_snapshot, certificate_problems
     from alb_proxy.control.store import StateDirBusy
     from alb_proxy.daemon import Daemon, RunOptions
     from alb_proxy.observability.log import setup_logging
@@ -98,7 +99,10 @@ def _run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     try:
-        config = load_config(args.config)
+        config = load_config(args.config, check=False)
+        problems = check_config(config)
+        if problems:
+            raise ConfigError([*problems, *certificate_problems(config)])
         if args.check:
             # Everything a start would check, without touching the state store.
             build_snapshot(config, ConnectionPool(), Metrics())

@@ -83,6 +83,22 @@ def test_every_problem_is_reported_at_once(tmp_path: Path, pki: Pki) -> None:
     assert "listeners[a].default_action.forward: unknown server group 'sg-x'" in err
 
 
+def test_rule_and_certificate_problems_are_reported_together(tmp_path: Path, pki: Pki) -> None:
+    other = make_server(make_ca(), ["other.example.test"])
+    wrong_key = write_pem(tmp_path / "wrong.key", other.key_pem(), mode=0o600)
+    entry = {**pki.default.entry("c1"), "key": str(wrong_key)}
+    http = {
+        "name": "http-8080",
+        "protocol": "HTTP",
+        "port": 8080,
+        "certificates": {"default": "c1"},
+        "default_action": {"forward": "sg"},
+    }
+    err = refused(tmp_path, base_config(pki, certificates=[entry], listeners=[http]))
+    assert "listeners[http-8080].certificates: HTTP listeners take no certificates" in err
+    assert "certificates[c1]: the private key does not match the certificate" in err
+
+
 def test_unknown_key_is_refused(tmp_path: Path, pki: Pki) -> None:
     assert "unknown key 'listner'" in refused(tmp_path, {**base_config(pki), "listner": []})
 

@@ -129,9 +129,9 @@ def load_server_certificate(
     spki = _spki(key)
     leaf = next((c for c in certs if _spki(c) == spki), None)
     if leaf is None:
-        others = {1: "", 2: " (nor the other certificate given)"}.get(
-            len(certs), f" (nor any of the {len(certs) - 1} others given)"
-        )
+        rest = [d.describe(c) for c in certs[1:]]
+        others = f" (nor {'any of ' if len(rest) > 1 else ''}the chain's {', '.join(rest)})"
+        others = others if rest else ""
         raise CertificateError(
             f"{cert_id}: the private key does not match the certificate "
             f"{d.describe(certs[0])}{others}"

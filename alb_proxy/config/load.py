@@ -31,8 +31,9 @@ _MAX_INT = 2**63
 """Bigger integers are typos in a config, and Python refuses to print very large ones."""
 
 
-def load_config(path: Path) -> Config:
-    """Read, parse and validate a config file; every failure is a ``ConfigError``."""
+def load_config(path: Path, *, check: bool = True) -> Config:
+    """Read, parse and validate a config file; every failure is a ``ConfigError``.
+    ``check=False`` leaves the rules (``check_config``) to the caller."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -52,7 +53,7 @@ def load_config(path: Path) -> Config:
     if data is None:
         raise ConfigError([Problem(str(path), "the file is empty")])
     config = parse_config(data)
-    problems = check_config(config)
+    problems = check_config(config) if check else []
     if problems:
         raise ConfigError(problems)
     return config

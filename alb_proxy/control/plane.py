@@ -22,7 +22,7 @@ from alb_proxy.config.dump import dump_config
 from alb_proxy.config.model import Certificate, CertificateKind, Config
 from alb_proxy.config.rules import check_config
 from alb_proxy.control.operations import OperationError, add_certificate, delete_certificate
-from alb_proxy.control.snapshot import Snapshot
+from alb_proxy.control.snapshot import Snapshot, certificate_problems
 from alb_proxy.control.store import CertificateRecord, Store
 from alb_proxy.errors import ConfigError
 from alb_proxy.observability.log import event
@@ -79,7 +79,8 @@ class ControlPlane:
                 return current  # nothing to do: no new generation
             problems = check_config(config)
             if problems:
-                raise ConfigError(problems)
+                cert_problems = await asyncio.to_thread(certificate_problems, config)
+                raise ConfigError([*problems, *cert_problems])
             generation = current.generation + 1
             snapshot = await asyncio.to_thread(self._build, config, generation)
             try:

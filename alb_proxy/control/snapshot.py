@@ -71,6 +71,22 @@ def load_certificates(
     return servers, cas
 
 
+def certificate_problems(config: Config, now: datetime | None = None) -> list[Problem]:
+    """What loading the config's certificates would refuse, so that a config refused by the
+    rules is refused with every problem at once (entries the rules already fault, such as a
+    server certificate without a key, are left to the rules' message)."""
+    loadable = tuple(
+        c for c in config.certificates if c.kind is CertificateKind.CA or c.key is not None
+    )
+    try:
+        load_certificates(
+            replace(config, certificates=loadable), now or datetime.now(UTC), log_warnings=False
+        )
+    except ConfigError as exc:
+        return list(exc.problems)
+    return []
+
+
 def build_snapshot(
     config: Config,
     pool: ConnectionPool,
