@@ -7,10 +7,12 @@ or certificate problem, printed one per line).
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NoReturn
 
 from alb_proxy import __version__, ctl
 from alb_proxy.errors import AlbError, ConfigError
@@ -18,7 +20,23 @@ from alb_proxy.errors import AlbError, ConfigError
 DEFAULT_CONFIG = Path("configs/example.yaml")
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one JSON object when ``--json`` was asked for: scripts parse every
+    answer, mistakes in their own command lines included."""
+
+    wants_json = False
+
+    def error(self, message: str) -> NoReturn:
+        if self.wants_json:
+            error = {"code": "usage", "message": message, "usage": self.format_usage().strip()}
+            print(json.dumps({"error": error}, indent=2))
+            raise SystemExit(2)
+        super().error(message)
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    _Parser.wants_json = "--json" in argv
     parser = _parser()
     args = parser.parse_args(argv)
     if not hasattr(args, "handler"):
@@ -35,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser: argparse.ArgumentParser = _Parser(
         prog="alb-proxy",
         description="TLS-termination edge proxy: a cloud load balancer listener, on one host",
     )

@@ -276,3 +276,14 @@ def test_example_config_runs_as_the_readme_says(tmp_path: Path, demo_backend: Ba
 @pytest.mark.parametrize("args", [["--help"], ["run", "--help"], ["certs", "dev", "--help"]])
 def test_help_works(args: list[str]) -> None:
     assert run_cli(*args).returncode == 0
+
+
+def test_usage_errors_are_one_json_object_with_json() -> None:
+    done = run_cli("ctl", "server", "weight", "sg", "127.0.0.1:8081", "abc", "--json")
+    assert done.returncode == 2 and done.stderr == ""
+    error = json.loads(done.stdout)["error"]
+    assert error["code"] == "usage"
+    assert error["message"] == "argument W: invalid int value: 'abc'"
+    plain = run_cli("ctl", "server", "weight", "sg", "127.0.0.1:8081", "abc")
+    assert plain.returncode == 2 and plain.stdout == ""
+    assert "invalid int value: 'abc'" in plain.stderr
