@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from http import HTTPStatus
 
 import h11
 
@@ -99,7 +100,11 @@ class AdminServer:
             *response.headers,
         ]
         for ev in (
-            h11.Response(status_code=response.status, headers=headers),
+            h11.Response(
+                status_code=response.status,
+                headers=headers,
+                reason=HTTPStatus(response.status).phrase.encode(),
+            ),
             h11.Data(data=response.body),
             h11.EndOfMessage(),
         ):
