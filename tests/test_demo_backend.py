@@ -201,7 +201,8 @@ def test_delay_holds_only_its_own_request(loop_factory: LoopFactory) -> None:
         done, _ = await asyncio.wait([slow, fast], return_when=asyncio.FIRST_COMPLETED)
         assert done == {fast}
         assert (await slow).status == 200
-        assert loop.time() - start >= 0.3
+        # uvloop's clock and timers work in whole milliseconds: allow for one.
+        assert loop.time() - start >= 0.3 - 0.001
 
     run(loop_factory, test)
 
