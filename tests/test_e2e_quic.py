@@ -290,3 +290,72 @@ def test_quic_upgrade_must_cover_the_https_names(pki: Pki, tmp_path: Path) -> No
         "listeners[h].quic_upgrade: QUIC listener 'q' has no certificate for exact.example.test"
     ) in done.stderr
     assert load_config(path).listener("h") is not None  # the rules alone accept it
+
+
+def _single_quic_listener(demo_backend: Backend, pki: Pki) -> dict[str, Any]:
+    return {
+        "instance": {"name": "q"},
+        "certificates": [pki.default.entry("c-default")],
+        "server_groups": [
+            {"id": "sg", "servers": [{"host": "127.0.0.1", "port": demo_backend.port}]}
+        ],
+        "listeners": [
+            {
+                "name": "q",
+                "protocol": "QUIC",
+                "port": 4433,
+                "bind": "127.0.0.1",
+                "certificates": {"default": "c-default"},
+                "default_action": {"forward": "sg"},
+            }
+        ],
+    }
+
+
+async def _in_flight_then(port: int, interrupt: Any) -> tuple[int, bytes]:
+    """A slow request in flight on a QUIC connection when ``interrupt()`` runs; its answer."""
+    async with connect(
+        "127.0.0.1",
+        port,
+        configuration=client_configuration("x.test"),
+        create_protocol=H3Client,
+    ) as client:
+        assert isinstance(client, H3Client)
+        slow = asyncio.ensure_future(client.request("GET", "/?delay=1", "x.test"))
+        # Sent after the slow one on the same connection: once its answer is back, the
+        # proxy holds the slow request too (loopback does not reorder datagrams).
+        assert (await client.request("GET", "/health", "x.test")).status == 200
+        await asyncio.to_thread(interrupt)
+        response = await slow
+        return response.status, bytes(response.body)
+
+
+def test_sigterm_lets_http3_requests_in_flight_finish(
+    pki: Pki, demo_backend: Backend, tmp_path: Path
+) -> None:
+    import signal
+
+    p = start_proxy(tmp_path, _single_quic_listener(demo_backend, pki))
+    try:
+        status, body = asyncio.run(
+            _in_flight_then(p.port("q"), lambda: p.proc.send_signal(signal.SIGTERM))
+        )
+        assert status == 200 and json.loads(body)["query"] == "delay=1"
+    finally:
+        assert p.stop() == 0
+    assert "drain timeout" not in p.log
+
+
+def test_a_deleted_quic_listener_lets_requests_in_flight_finish(
+    pki: Pki, demo_backend: Backend, tmp_path: Path
+) -> None:
+    p = start_proxy(tmp_path, _single_quic_listener(demo_backend, pki))
+    api = api_of(p)
+    try:
+        status, _ = asyncio.run(
+            _in_flight_then(p.port("q"), lambda: api.call("DELETE", "/v1/listeners/q"))
+        )
+        assert status == 200
+        assert "q" not in {x["name"] for x in api.ok("GET", "/v1/listeners")["listeners"]}
+    finally:
+        assert p.stop() == 0

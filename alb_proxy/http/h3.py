@@ -32,6 +32,8 @@ _SEND_HIGH_WATER = 1024 * 1024
 
 SendBuffered = Callable[[QuicConnection, int], int]
 """How many bytes of a stream aioquic still holds unacknowledged (see quic_internals)."""
+SendGoaway = Callable[[H3Connection, int], None]
+"""Queue an HTTP/3 GOAWAY naming the first stream id left unprocessed (see quic_internals)."""
 
 
 class H3Protocol(QuicConnectionProtocol):
@@ -41,16 +43,23 @@ class H3Protocol(QuicConnectionProtocol):
         *,
         route: RouteSettings,
         send_buffered: SendBuffered,
+        send_goaway: SendGoaway,
         **kwargs: Any,
     ) -> None:
         super().__init__(quic, **kwargs)
         self.route = route
         self._send_buffered = send_buffered
+        self._send_goaway = send_goaway
         self.on_closed: Callable[[], None] = lambda: None
         """Called once when the connection ends (the listener's per-source accounting)."""
         self._h3: H3Connection | None = None
         self._streams: dict[int, _Stream] = {}
         self.client_ip = "-"
+        self._draining = False
+        self._next_stream_id = 0
+        """Lowest client-initiated request stream id not seen yet (what a GOAWAY names)."""
+        self._idle: asyncio.Event | None = None
+        """Set once a draining connection has no request in flight."""
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self.client_ip == "-":
@@ -70,6 +79,8 @@ class H3Protocol(QuicConnectionProtocol):
             for stream in self._streams.values():
                 stream.cancel()
             self._streams.clear()
+            if self._idle is not None:
+                self._idle.set()
             self.on_closed()
         if self._h3 is not None:
             for h3_event in self._h3.handle_event(quic_event):
@@ -78,6 +89,12 @@ class H3Protocol(QuicConnectionProtocol):
     def _h3_event(self, h3_event: H3Event) -> None:
         if isinstance(h3_event, HeadersReceived) and h3_event.stream_id not in self._streams:
             assert self._h3 is not None
+            if self._draining and h3_event.stream_id >= self._next_stream_id:
+                # Past our GOAWAY: rejected unprocessed, so the client may retry it elsewhere.
+                self._quic.reset_stream(h3_event.stream_id, ErrorCode.H3_REQUEST_REJECTED)
+                self.transmit()
+                return
+            self._next_stream_id = max(self._next_stream_id, h3_event.stream_id + 4)
             stream = _Stream(self, self._h3, h3_event.stream_id)
             self._streams[h3_event.stream_id] = stream
             stream.start(h3_event.headers, h3_event.stream_ended)
@@ -88,6 +105,20 @@ class H3Protocol(QuicConnectionProtocol):
 
     def stream_done(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
+        if self._idle is not None and not self._streams:
+            self._idle.set()
+
+    async def drain(self) -> None:
+        """Tell the client (GOAWAY) that no new request will be served here, refuse any that
+        still arrive, and return once the requests in flight have finished."""
+        self._draining = True
+        self._idle = asyncio.Event()
+        if self._h3 is not None:
+            self._send_goaway(self._h3, self._next_stream_id)
+            self.transmit()
+        if not self._streams:
+            self._idle.set()
+        await self._idle.wait()
 
     def send_buffered(self, stream_id: int) -> int:
         return self._send_buffered(self._quic, stream_id)

@@ -9,6 +9,7 @@ turns its answer into aioquic's certificate objects.
 from __future__ import annotations
 
 import asyncio
+import logging
 import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -25,8 +26,13 @@ from aioquic.tls import CipherSuite
 
 from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h3 import H3Protocol
-from alb_proxy.listeners.quic_internals import install_sni_hook, stream_send_buffered
+from alb_proxy.listeners.quic_internals import (
+    install_sni_hook,
+    send_goaway,
+    stream_send_buffered,
+)
 from alb_proxy.listeners.sockets import Address
+from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 
 MAX_CONNECTIONS_PER_SOURCE = 256
@@ -119,21 +125,44 @@ class QuicListener:
         server = self._server
         assert server is not None
         protocol = H3Protocol(
-            connection, route=plan.route, send_buffered=stream_send_buffered, **kwargs
+            connection,
+            route=plan.route,
+            send_buffered=stream_send_buffered,
+            send_goaway=send_goaway,
+            **kwargs,
         )
         protocol.on_closed = lambda: server.forget(protocol)
         server.created = protocol
         return protocol
 
     def stop_accepting(self) -> None:
-        """Close the UDP socket: QUIC connections cannot outlive their socket."""
+        """Take no new connection. Unlike a TCP listening socket, the UDP socket carries the
+        established connections too, so it stays open until :meth:`drain` is done with them."""
         if self._server is not None:
-            self._server.close()
-        if self._transport is not None:
-            self._transport.close()
+            self._server.accepting = False
 
     async def drain(self, timeout: float) -> None:
+        """GOAWAY to every connection, let requests in flight finish (up to ``timeout``),
+        close each connection with NO_ERROR, then release the socket."""
         self.stop_accepting()
+        server = self._server
+        live = list(server.live) if server is not None else []
+        if live:
+            drains = [asyncio.ensure_future(protocol.drain()) for protocol in live]
+            _, pending = await asyncio.wait(drains, timeout=timeout)
+            if pending:
+                event(
+                    logging.WARNING,
+                    "drain timeout: connections cut",
+                    listener=self.name,
+                    connections=len(pending),
+                )
+                for task in pending:
+                    task.cancel()
+            for protocol in live:
+                protocol.close()  # CONNECTION_CLOSE leaves at once (transmit is synchronous)
+        if self._transport is not None:
+            self._transport.close()
 
 
 class _GuardedServer(QuicServer):
@@ -142,33 +171,46 @@ class _GuardedServer(QuicServer):
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._per_source: Counter[str] = Counter()
-        self._sources: dict[int, str] = {}
+        self._sources: dict[H3Protocol, str] = {}
+        self.accepting = True
+        """False while draining: Initial packets that would open a connection are dropped."""
         self.created: H3Protocol | None = None
         """Set by the protocol factory while ``datagram_received`` runs."""
 
+    @property
+    def live(self) -> tuple[H3Protocol, ...]:
+        """Connections not yet terminated."""
+        return tuple(self._sources)
+
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         source = str(addr[0])
-        if self._per_source[source] >= MAX_CONNECTIONS_PER_SOURCE and _is_initial(data):
+        if (
+            not self.accepting or self._per_source[source] >= MAX_CONNECTIONS_PER_SOURCE
+        ) and self._opens_connection(data):
             return
         self.created = None
         super().datagram_received(data, addr)
         if self.created is not None:
-            self._sources[id(self.created)] = source
+            self._sources[self.created] = source
             self._per_source[source] += 1
             self.created = None
 
-    def forget(self, protocol: object) -> None:
-        source = self._sources.pop(id(protocol), None)
+    def forget(self, protocol: H3Protocol) -> None:
+        source = self._sources.pop(protocol, None)
         if source is not None:
             self._per_source[source] -= 1
             if self._per_source[source] <= 0:
                 del self._per_source[source]
 
-
-def _is_initial(data: bytes | str) -> bool:
-    try:
-        raw = data if isinstance(data, bytes) else data.encode()
-        header = pull_quic_header(Buffer(data=raw), host_cid_length=8)
-    except ValueError:
-        return False
-    return header.packet_type == QuicPacketType.INITIAL
+    def _opens_connection(self, data: bytes | str) -> bool:
+        """An Initial packet for no connection we hold (retransmitted Initials of a
+        handshake in progress belong to their connection and pass)."""
+        try:
+            raw = data if isinstance(data, bytes) else data.encode()
+            header = pull_quic_header(Buffer(data=raw), host_cid_length=8)
+        except ValueError:
+            return False
+        return (
+            header.packet_type == QuicPacketType.INITIAL
+            and header.destination_cid not in self._protocols
+        )

@@ -10,8 +10,11 @@
    ourselves: far more code to get wrong.
 2. **Send-side backpressure.** aioquic buffers everything sent on a stream until acknowledged and
    exposes no size; ``len(stream.sender._buffer)`` is that size.
+3. **GOAWAY.** ``H3Connection`` can receive GOAWAY but not send it; a draining server writes the
+   frame on the connection's own control stream (``_local_control_stream_id``).
 
-Verified against aioquic 1.2 – 1.7 (the range pinned in pyproject.toml); ``tests/test_quic.py``
+Verified against aioquic 1.7 (pyproject.toml pins ``>=1.7,<1.8``);
+``tests/test_quic_internals.py`` drives each hook through real in-memory QUIC connections and
 fails loudly if a release moves these names.
 """
 
@@ -20,6 +23,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from aioquic.buffer import encode_uint_var
+from aioquic.h3.connection import FrameType, H3Connection, encode_frame
 from aioquic.quic.connection import QuicConnection
 from aioquic.tls import pull_client_hello
 
@@ -55,3 +60,12 @@ def stream_send_buffered(connection: QuicConnection, stream_id: int) -> int:
     if stream is None:
         return 0
     return len(stream.sender._buffer)
+
+
+def send_goaway(h3: H3Connection, stream_id: int) -> None:
+    """Queue an HTTP/3 GOAWAY: request streams from ``stream_id`` on will not be processed."""
+    control = h3._local_control_stream_id
+    if control is not None:
+        h3._quic.send_stream_data(
+            control, encode_frame(FrameType.GOAWAY, encode_uint_var(stream_id))
+        )
