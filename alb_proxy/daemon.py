@@ -234,7 +234,7 @@ class Daemon:
     async def reload(self) -> bool:
         """SIGHUP: make the running state match the config file, or change nothing."""
         try:
-            config = await asyncio.to_thread(load_config, self.config_path)
+            config = await asyncio.to_thread(load_config, self.config_path, check=False)
             await self.plane.apply_config(
                 config, str(self.config_path), file_sha256=_sha256(self.config_path)
             )

@@ -276,9 +276,14 @@ class RecordingBackend:
         answer: bytes = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
         *,
         close_after_answer: bool = False,
+        gate: threading.Event | None = None,
     ) -> None:
         self.answer = answer
         self.close_after_answer = close_after_answer
+        self.gate = gate
+        """When given, each answer waits for it: a request held in flight until a test says."""
+        self.arrived = threading.Event()
+        """Set once a request head has been received: the request is in flight."""
         self.connections = 0
         self.received = bytearray()
         self._lock = threading.Lock()
@@ -311,6 +316,9 @@ class RecordingBackend:
                 buffer += data
                 while b"\r\n\r\n" in buffer:
                     _, buffer = buffer.split(b"\r\n\r\n", 1)
+                    self.arrived.set()
+                    if self.gate is not None:
+                        self.gate.wait(60)
                     conn.sendall(self.answer)
                     if self.close_after_answer:
                         return

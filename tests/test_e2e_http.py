@@ -327,34 +327,71 @@ def test_200_mib_chunked_upload_streams_with_flat_memory(proxy: Proxy) -> None:
     assert peak - rss_before < 16 * 1024, f"RSS grew {peak - rss_before} KiB during upload"
 
 
-def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path, demo_backend: Backend) -> None:
+def _held_request(
+    port: int, gate_backend: RecordingBackend
+) -> tuple[threading.Thread, dict[str, bytes]]:
+    """A request the backend holds unanswered: in flight once this returns."""
+    result: dict[str, bytes] = {}
+
+    def slow_request() -> None:
+        result["reply"] = raw_exchange(port, b"GET /held HTTP/1.1\r\nHost: x\r\n\r\n")
+
+    thread = threading.Thread(target=slow_request)
+    thread.start()
+    assert gate_backend.arrived.wait(30)
+    return thread, result
+
+
+def test_sigterm_lets_requests_in_flight_finish(tmp_path: Path) -> None:
+    gate = threading.Event()
+    backend = RecordingBackend(gate=gate)
     config = {
         "instance": {"name": "t"},
-        "server_groups": [group("sg", demo_backend.port)],
+        "server_groups": [group("sg", backend.port)],
         "listeners": [listener("web", 8001, "sg")],
     }
     p = start_proxy(tmp_path, config)
     port = p.port("web")
     idle = socket.create_connection(("127.0.0.1", port))  # an idle keep-alive connection
-    result: dict[str, bytes] = {}
-
-    def slow_request() -> None:
-        result["reply"] = raw_exchange(port, b"GET /?delay=1 HTTP/1.1\r\nHost: x\r\n\r\n")
-
-    # Wait until the slow request is in flight: the proxy's request counter is not enough (it
-    # counts answers), so watch for the backend connection through the active-connection gauge.
-    thread = threading.Thread(target=slow_request)
-    thread.start()
-    while p.metric("alb_connections_active", listener="web") < 2:
-        pass
+    thread, result = _held_request(port, backend)
     p.proc.send_signal(signal.SIGTERM)
+    assert idle.recv(1) == b""  # the idle connection is closed at once, not left hanging
+    idle.close()
+    gate.set()
     thread.join(timeout=30)
     assert p.proc.wait(timeout=30) == 0
     assert result["reply"].startswith(b"HTTP/1.1 200 ")
     assert b"connection: close" in result["reply"].lower()
-    assert idle.recv(1) == b""  # the idle connection was closed, not left hanging
-    idle.close()
     assert "draining" in p.log and "stopped" in p.log
+    backend.close()
+
+
+def test_a_deleted_listener_releases_its_port_and_finishes_requests_in_flight(
+    tmp_path: Path,
+) -> None:
+    from test_e2e_runtime import api_of
+
+    gate = threading.Event()
+    backend = RecordingBackend(gate=gate)
+    config = {
+        "instance": {"name": "t"},
+        "server_groups": [group("sg", backend.port)],
+        "listeners": [listener("web", 8001, "sg"), listener("other", 8002, "sg")],
+    }
+    p = start_proxy(tmp_path, config)
+    port = p.port("web")
+    thread, result = _held_request(port, backend)
+    api_of(p).ok("DELETE", "/v1/listeners/web")
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=5)
+    gate.set()
+    thread.join(timeout=30)
+    assert result["reply"].startswith(b"HTTP/1.1 200 ")
+    assert raw_exchange(p.port("other"), b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").startswith(
+        b"HTTP/1.1 200 "
+    )
+    assert p.stop() == 0
+    backend.close()
 
 
 def test_websocket_is_tunnelled_on_http_and_https(proxy: Proxy) -> None:

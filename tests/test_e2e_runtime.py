@@ -181,9 +181,42 @@ class SlowUpload(threading.Thread):
             self.result = json.loads(reply.split(b"\r\n\r\n", 1)[1])
 
 
+class SlowDownload:
+    """A large download whose reader holds back (the proxy must wait, not buffer or drop it)
+    while changes happen, then reads the rest and checks every byte."""
+
+    SIZE = 32 << 20
+
+    def __init__(self, port: int) -> None:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock = client_context().wrap_socket(raw, server_hostname="site.example.test")
+        self.sock.sendall(b"GET /?bytes=%d HTTP/1.1\r\nHost: x\r\n\r\n" % self.SIZE)
+        head = b""
+        while b"\r\n\r\n" not in head:
+            chunk = self.sock.recv(65536)
+            assert chunk, "connection dropped"
+            head += chunk
+        top, self.body = head.split(b"\r\n\r\n", 1)
+        assert top.startswith(b"HTTP/1.1 200")
+        while len(self.body) < 1 << 20:  # the first MiB now, the rest after the changes
+            self.body += self.sock.recv(65536)
+
+    def finish(self) -> None:
+        body = bytearray(self.body)
+        while len(body) < self.SIZE:
+            chunk = self.sock.recv(1 << 20)
+            assert chunk, f"download cut at {len(body)} of {self.SIZE} bytes"
+            body += chunk
+        self.sock.close()
+        assert len(body) == self.SIZE
+        assert body == bytes(range(256)) * (self.SIZE // 256)
+
+
 def test_each_change_applies_to_new_handshakes_and_spares_open_connections(
     env: tuple[Proxy, Api, Any], tmp_path: Path
 ) -> None:
+    from harness import WebSocket
+
     proxy, api, root = env
     port = proxy.port("web")
     old = KeepAlive(port)
@@ -191,6 +224,11 @@ def test_each_change_applies_to_new_handshakes_and_spares_open_connections(
     upload_thread.start()
     assert upload_thread.started_sending.wait(30)
     assert old.get() == 200
+    download = SlowDownload(port)
+    ws_raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+    ws_tls = client_context().wrap_socket(ws_raw, server_hostname="site.example.test")
+    ws = WebSocket(ws_tls)
+    assert ws.echo(b"before") == b"before"
 
     # replace the default certificate
     new = server_pem(root, ["site.example.test"])
@@ -240,6 +278,9 @@ def test_each_change_applies_to_new_handshakes_and_spares_open_connections(
 
     # the connections from before every change are still fine
     assert old.get() == 200
+    assert ws.echo(b"after every change") == b"after every change"
+    ws_tls.close()
+    download.finish()
     upload_thread.go_on.set()
     upload_thread.join(60)
     assert upload_thread.result["body_bytes"] == upload_thread.sent
@@ -371,6 +412,32 @@ def test_changes_survive_a_restart(env: tuple[Proxy, Api, Any], tmp_path: Path) 
         assert "running state from the store" in again.log
     finally:
         assert again.stop() == 0
+
+
+def test_sighup_with_a_broken_file_keeps_the_running_state(env: tuple[Proxy, Api, Any]) -> None:
+    proxy, api, _ = env
+    port = proxy.port("web")
+    before = served_fingerprint(port, "site.example.test")
+    generation = api.ok("GET", "/v1/config")["generation"]
+    config = _config_of(proxy)
+    config["listeners"].append(
+        {
+            "name": "plain",
+            "protocol": "HTTP",
+            "port": 7080,
+            "certificates": {"default": "initial"},
+            "default_action": {"forward": "sg"},
+        }
+    )
+    config["certificates"][0]["key"] = str(proxy.config_path.parent / "missing.key")
+    state = proxy.reload(config)
+    assert state["state"] == "reload_refused"
+    assert "listeners[plain].certificates: HTTP listeners take no certificates" in state["problems"]
+    assert any(p.startswith("certificates[initial]: cannot read") for p in state["problems"]), state
+    assert "reload refused" in proxy.log
+    assert served_fingerprint(port, "site.example.test") == before
+    assert api.ok("GET", "/v1/config")["generation"] == generation
+    assert proxy.metric("alb_config_reloads_total", result="refused") == 1
 
 
 def test_a_second_daemon_on_the_same_state_dir_is_refused_and_touches_nothing(
