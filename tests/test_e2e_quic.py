@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aioquic.asyncio.client import connect
+from certfactory import make_ca
 from conftest import Pki
 from h3client import H3Client, client_configuration, h3_get
 from harness import Backend, Proxy, run_cli, start_proxy, write_config
@@ -210,8 +211,6 @@ def test_gtlsclient_from_debian(proxy: Proxy) -> None:
 def test_replaced_certificate_reaches_new_connections_while_open_ones_continue(
     pki: Pki, demo_backend: Backend, tmp_path: Path
 ) -> None:
-    from certfactory import make_ca
-
     config = {
         "instance": {"name": "q"},
         "certificates": [pki.default.entry("c-default")],
@@ -357,5 +356,69 @@ def test_a_deleted_quic_listener_lets_requests_in_flight_finish(
         )
         assert status == 200
         assert "q" not in {x["name"] for x in api.ok("GET", "/v1/listeners")["listeners"]}
+    finally:
+        assert p.stop() == 0
+
+
+def test_backend_failures_map_to_the_same_statuses_as_https(
+    pki: Pki, demo_backend: Backend, tmp_path: Path
+) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        dead_port = probe.getsockname()[1]
+
+    def quic(name: str, port: int, group: str, **extra: Any) -> dict[str, Any]:
+        return {
+            "name": name,
+            "protocol": "QUIC",
+            "port": port,
+            "bind": "127.0.0.1",
+            "certificates": {"default": "c-default"},
+            "default_action": {"forward": group},
+            **extra,
+        }
+
+    config = {
+        "instance": {"name": "q"},
+        "certificates": [pki.default.entry("c-default")],
+        "server_groups": [
+            {"id": "dead", "servers": [{"host": "127.0.0.1", "port": dead_port}]},
+            {
+                "id": "drained",
+                "servers": [{"host": "127.0.0.1", "port": demo_backend.port, "weight": 0}],
+            },
+            {"id": "demo", "servers": [{"host": "127.0.0.1", "port": demo_backend.port}]},
+        ],
+        "listeners": [
+            quic("q-dead", 4441, "dead"),
+            quic("q-drained", 4442, "drained"),
+            quic("q-slow", 4443, "demo", request_timeout_s=1),
+        ],
+    }
+    p = start_proxy(tmp_path, config)
+    try:
+        assert h3_get(p.port("q-dead"), "x.test")[0].status == 502
+        assert h3_get(p.port("q-drained"), "x.test")[0].status == 503
+        assert h3_get(p.port("q-slow"), "x.test", "/?delay=3")[0].status == 504
+        assert h3_get(p.port("q-slow"), "x.test", "/?delay=0")[0].status == 200
+    finally:
+        assert p.stop() == 0
+
+
+def test_additional_certificates_come_and_go_over_quic(
+    pki: Pki, demo_backend: Backend, tmp_path: Path
+) -> None:
+    p = start_proxy(tmp_path, _single_quic_listener(demo_backend, pki))
+    api = api_of(p)
+    port = p.port("q")
+    try:
+        assert h3_get(port, "exact.example.test")[1] == pki.default.fingerprint
+        exact = server_pem(make_ca(), ["exact.example.test"])
+        exact_id = upload(api, "exact", exact)
+        api.ok("POST", "/v1/listeners/q/additional-certificates", {"certificate_id": exact_id})
+        assert h3_get(port, "exact.example.test")[1] == exact.fingerprint
+        assert h3_get(port, "other.example.test")[1] == pki.default.fingerprint
+        api.ok("DELETE", f"/v1/listeners/q/additional-certificates/{exact_id}")
+        assert h3_get(port, "exact.example.test")[1] == pki.default.fingerprint
     finally:
         assert p.stop() == 0
