@@ -16,6 +16,7 @@ class Stream:
     status: int = 0
     headers: dict[bytes, bytes] = field(default_factory=dict)
     body: bytearray = field(default_factory=bytearray)
+    trailers: dict[bytes, bytes] = field(default_factory=dict)
     ended: bool = False
     reset: bool = False
 
@@ -101,6 +102,8 @@ class H2Client:
                         stream.status = int(value)
                     else:
                         stream.headers[name] = value
+            elif isinstance(ev, h2.events.TrailersReceived) and stream:
+                stream.trailers.update(ev.headers or [])
             elif isinstance(ev, h2.events.DataReceived) and stream:
                 stream.body += ev.data or b""
                 self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)

@@ -277,9 +277,13 @@ class RecordingBackend:
         *,
         close_after_answer: bool = False,
         gate: threading.Event | None = None,
+        answers_per_connection: int | None = None,
     ) -> None:
         self.answer = answer
         self.close_after_answer = close_after_answer
+        self.answers_per_connection = answers_per_connection
+        """When given, a request past this many on one connection is met with a close, unanswered
+        (a keep-alive connection the backend gave up on just as the proxy reused it)."""
         self.gate = gate
         """When given, each answer waits for it: a request held in flight until a test says."""
         self.arrived = threading.Event()
@@ -302,6 +306,7 @@ class RecordingBackend:
             threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
 
     def _serve(self, conn: socket.socket) -> None:
+        answered = 0
         with conn:
             buffer = b""
             while True:
@@ -316,6 +321,9 @@ class RecordingBackend:
                 buffer += data
                 while b"\r\n\r\n" in buffer:
                     _, buffer = buffer.split(b"\r\n\r\n", 1)
+                    if answered == self.answers_per_connection:
+                        return
+                    answered += 1
                     self.arrived.set()
                     if self.gate is not None:
                         self.gate.wait(60)

@@ -41,6 +41,8 @@ def backends() -> Iterator[dict[str, RecordingBackend]]:
         "overflow": RecordingBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTOLEN-BYTES"),
         # Closes every connection after answering, without saying so.
         "closer": RecordingBackend(close_after_answer=True),
+        # Answers one request per connection, then closes on the next one unanswered.
+        "one-shot": RecordingBackend(answers_per_connection=1),
         "ambiguous": RecordingBackend(
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n"
             b"Transfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n"
@@ -152,3 +154,50 @@ def test_max_header_bytes_is_per_listener(proxy: Proxy) -> None:
     header = "X-Big: " + "a" * 3000
     assert _get(proxy.port("small"), "-H", header)[0] == "431"
     assert _get(proxy.port("demo"), "-H", header)[0] == "200"
+
+
+def _requests_received(backend: RecordingBackend, method: bytes) -> int:
+    return bytes(backend.received).count(method + b" /")
+
+
+def test_a_reused_connection_closed_unanswered_retries_only_what_is_safe(
+    proxy: Proxy, backends: dict[str, RecordingBackend]
+) -> None:
+    port, backend = proxy.port("one-shot"), backends["one-shot"]
+    assert _get(port)[0] == "200"  # leaves a pooled connection the backend will not answer on
+    # An idempotent request without a body is retried on a fresh connection.
+    assert _get(port)[0] == "200"
+    assert _requests_received(backend, b"GET") == 3
+    # A POST is not: it may have had effects. The client gets a 502; the backend saw it once.
+    status, _ = _get(port, "-X", "POST", "--data-binary", "payload")
+    assert status == "502"
+    assert _requests_received(backend, b"POST") == 1
+
+
+def test_a_backend_that_never_accepts_hits_the_connect_timeout(tmp_path: Path) -> None:
+    # A listening socket whose accept queue is full and never drained: the kernel drops the
+    # proxy's SYNs, so its connect hangs as to an unreachable host.
+    with socket.socket() as full:
+        full.bind(("127.0.0.1", 0))
+        full.listen(0)
+        fillers = []
+        for _ in range(8):
+            filler = socket.socket()
+            filler.setblocking(False)
+            filler.connect_ex(full.getsockname())
+            fillers.append(filler)
+        config = {
+            "instance": {"name": "ct"},
+            "server_groups": [{**_group("sg", full.getsockname()[1]), "connect_timeout_s": 1}],
+            "listeners": [_listener("web", 9120, "sg")],
+        }
+        p = start_proxy(tmp_path, config)
+        try:
+            started = time.monotonic()
+            assert _get(p.port("web"))[0] == "502"
+            assert 0.9 <= time.monotonic() - started < 10
+            assert "backend unreachable" in p.log
+        finally:
+            assert p.stop() == 0
+            for filler in fillers:
+                filler.close()

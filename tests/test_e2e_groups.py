@@ -248,6 +248,7 @@ def test_response_trailers_reach_http1_and_http2_clients(tmp_path: Path, pki: An
         stream = client.request("/", "default.example.test")
         client.wait(stream)
         assert bytes(client.streams[stream].body) == b"ok"
+        assert client.streams[stream].trailers == {b"x-checksum": b"abc"}
         client.close()
     finally:
         assert proxy.stop() == 0
