@@ -414,6 +414,34 @@ def test_changes_survive_a_restart(env: tuple[Proxy, Api, Any], tmp_path: Path) 
         assert again.stop() == 0
 
 
+def test_concurrent_changes_are_serialised_and_none_is_lost(env: tuple[Proxy, Api, Any]) -> None:
+    proxy, api, root = env
+    pems = [server_pem(root, [f"n{i}.example.test"]) for i in range(6)]
+    ids = [upload(api, f"n{i}", pem) for i, pem in enumerate(pems)]
+    generation = api.ok("GET", "/v1/config")["generation"]
+    answers: list[int] = []
+    barrier = threading.Barrier(len(ids))
+
+    def add(cert_id: str) -> None:
+        barrier.wait()
+        status, _ = api.call(
+            "POST", "/v1/listeners/web/additional-certificates", {"certificate_id": cert_id}
+        )
+        answers.append(status)
+
+    threads = [threading.Thread(target=add, args=(cert_id,)) for cert_id in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert sorted(answers) == [200] * len(ids)
+    listener = api.ok("GET", "/v1/listeners/web")
+    assert sorted(listener["certificates"]["additional"]) == sorted(ids)
+    assert api.ok("GET", "/v1/config")["generation"] == generation + len(ids)
+    for i, pem in enumerate(pems):
+        assert served_fingerprint(proxy.port("web"), f"n{i}.example.test") == pem.fingerprint
+
+
 def test_sighup_with_a_broken_file_keeps_the_running_state(env: tuple[Proxy, Api, Any]) -> None:
     proxy, api, _ = env
     port = proxy.port("web")
