@@ -117,11 +117,25 @@ class Daemon:
         )
 
     def _initial_snapshot(self, file_config: Config, build: Build) -> Snapshot:
-        """The store's state if the config file is the one it was imported from; otherwise
-        the file (first start, or the operator edited it): the last thing touched wins."""
+        """The store's state, unless the config file changed since it was imported and no
+        change was made at runtime since then (nothing is lost by importing the file); a first
+        start imports the file. Runtime changes are never dropped by a restart: an edited file
+        is then only applied on request (SIGHUP, ``ctl apply -f``)."""
         stored = self.store.latest()
         file_sha = _sha256(self.config_path)
-        if stored is not None and self.store.imported_file_sha256() == file_sha:
+        file_changed = stored is not None and self.store.imported_file_sha256() != file_sha
+        runtime_changes = stored is not None and not stored.operation.startswith(
+            ("import ", "apply ")
+        )
+        if file_changed and runtime_changes:
+            event(
+                logging.WARNING,
+                "config file changed since it was imported, but changes were made at runtime "
+                "since: serving the store's state; SIGHUP or `alb-proxy ctl apply -f FILE` "
+                "applies the file",
+                file=self.config_path,
+            )
+        if stored is not None and (not file_changed or runtime_changes):
             config = replace(
                 parse_config(stored.body),
                 admin=file_config.admin,
@@ -144,7 +158,8 @@ class Daemon:
         if stored is not None:
             event(
                 logging.WARNING,
-                "config file changed since it was imported: it replaces the running state",
+                "config file changed since it was imported, and nothing was changed at runtime "
+                "since: it replaces the running state",
                 file=self.config_path,
                 superseded_generation=stored.generation,
             )

@@ -492,6 +492,31 @@ def test_a_second_daemon_on_the_same_state_dir_is_refused_and_touches_nothing(
     assert api.ok("GET", "/v1/config")["generation"] == generation + 1
 
 
+def test_runtime_changes_outlive_an_edited_file_until_it_is_applied(
+    env: tuple[Proxy, Api, Any], tmp_path: Path
+) -> None:
+    proxy, api, root = env
+    initial = served_fingerprint(proxy.port("web"), "site.example.test")
+    new = server_pem(root, ["site.example.test"])
+    api.ok(
+        "PUT",
+        "/v1/listeners/web/default-certificate",
+        {"certificate_id": upload(api, "site", new)},
+    )
+    assert proxy.stop() == 0
+    edited = _config_of(proxy)
+    edited["listeners"][0]["security_policy"] = "tls_cipher_policy_1_2"
+    again = start_proxy(tmp_path, edited)  # rewrites the file: it changed since its import
+    try:
+        assert "changes were made at runtime since: serving the store's state" in again.log
+        assert served_fingerprint(again.port("web"), "site.example.test") == new.fingerprint
+        assert again.reload(edited)["state"] == "reloaded"  # SIGHUP: now the file rules
+        assert served_fingerprint(again.port("web"), "site.example.test") == initial
+        assert _tls13(again.port("web")) == "alert protocol version"
+    finally:
+        assert again.stop() == 0
+
+
 def _config_of(proxy: Proxy) -> dict[str, Any]:
     import yaml
 

@@ -46,6 +46,8 @@ CREATE TABLE IF NOT EXISTS certificates (
 class StoredConfig:
     generation: int
     body: dict[str, Any]
+    operation: str
+    """What made this generation: ``import FILE``, ``apply FILE``, or a runtime operation."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,9 @@ class Store:
 
     def latest(self) -> StoredConfig | None:
         row = self._db.execute(
-            "SELECT generation, body FROM configs ORDER BY generation DESC LIMIT 1"
+            "SELECT generation, body, operation FROM configs ORDER BY generation DESC LIMIT 1"
         ).fetchone()
-        return None if row is None else StoredConfig(row[0], json.loads(row[1]))
+        return None if row is None else StoredConfig(row[0], json.loads(row[1]), row[2])
 
     def save(
         self,
