@@ -14,6 +14,7 @@ from alb_proxy.http.headers import (
     Header,
     request_headers_for_backend,
     response_headers_for_client,
+    trailers_across,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,6 +110,36 @@ def test_client_cert_headers_from_client_are_removed_in_any_case() -> None:
         b"x-forwarded-clientcert-clientverify",
     ]
     assert out[-1] == own[0]
+
+
+def test_underscore_spellings_never_reach_the_backend() -> None:
+    out = forward(
+        [
+            (b"host", b"x"),
+            (b"X-Forwarded-Clientcert_Subjectdn", b"CN=admin"),
+            (b"X_Forwarded_For", b"6.6.6.6"),
+            (b"x_custom", b"1"),
+            (b"x-custom", b"2"),
+        ]
+    )
+    assert not [name for name, _ in out if b"_" in name]
+    assert values(out, b"x-custom") == [b"2"]
+    assert values(out, b"x-forwarded-for") == [b"203.0.113.7"]
+
+
+def test_trailers_carry_no_spoofed_steering_or_framing_field() -> None:
+    sent = [
+        (b"X-Forwarded-Clientcert-Subjectdn", b"CN=admin"),
+        (b"X-Forwarded-For", b"6.6.6.6"),
+        (b"Host", b"evil"),
+        (b"Content-Length", b"50"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Authorization", b"Bearer x"),
+        (b"x_checksum", b"1"),
+        (b"X-Checksum", b"abc"),
+        (b"server-timing", b"db;dur=53"),
+    ]
+    assert trailers_across(sent) == [(b"X-Checksum", b"abc"), (b"server-timing", b"db;dur=53")]
 
 
 def test_hop_by_hop_and_connection_named_headers_are_removed() -> None:

@@ -19,7 +19,11 @@ from typing import Protocol
 
 import h11
 
-from alb_proxy.http.headers import request_headers_for_backend, response_headers_for_client
+from alb_proxy.http.headers import (
+    request_headers_for_backend,
+    response_headers_for_client,
+    trailers_across,
+)
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 from alb_proxy.upstream.connection import BackendClosed, BackendConnection
@@ -261,7 +265,7 @@ async def _upload(conn: BackendConnection, down: Downstream, timeout: float) -> 
             async with asyncio.timeout(timeout):
                 await conn.writer.drain()
     try:
-        conn.write(h11.EndOfMessage(headers=down.request_trailers))
+        conn.write(h11.EndOfMessage(headers=trailers_across(down.request_trailers)))
     except h11.LocalProtocolError:
         conn.write(h11.EndOfMessage())  # a Content-Length body cannot carry trailers
     async with asyncio.timeout(timeout):
@@ -319,7 +323,7 @@ async def _relay_response(
             if isinstance(ev, h11.Data):
                 await down.send_data(bytes(ev.data))
             elif isinstance(ev, h11.EndOfMessage):
-                await down.end(list(ev.headers))
+                await down.end(trailers_across(ev.headers))
                 break
     except (TimeoutError, BackendClosed, ConnectionError, h11.ProtocolError) as exc:
         route.metrics.upstream_errors_total.labels(route.group.id, "broken_response").inc()

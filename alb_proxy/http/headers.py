@@ -44,6 +44,42 @@ _SET_BY_PROXY = frozenset(
     {b"x-forwarded-for", b"x-forwarded-proto", b"x-forwarded-port", b"x-forwarded-host"}
 )
 
+NOT_IN_TRAILERS: frozenset[bytes] = frozenset(
+    {
+        # framing, routing and control (RFC 9110 §6.5.1): a recipient merging trailers into
+        # the header section must never be steered by them
+        b"content-length",
+        b"host",
+        b"trailer",
+        b"expect",
+        b"max-forwards",
+        b"cache-control",
+        b"range",
+        b"if-match",
+        b"if-none-match",
+        b"if-modified-since",
+        b"if-unmodified-since",
+        b"if-range",
+        b"authorization",
+        b"cookie",
+        b"set-cookie",
+        b"www-authenticate",
+        b"location",
+        b"retry-after",
+        b"vary",
+        b"age",
+        b"expires",
+        b"date",
+        b"content-encoding",
+        b"content-type",
+        b"content-range",
+        b"forwarded",
+        b"via",
+    }
+)
+"""Fields a trailer section may not carry across the proxy, beside the hop-by-hop set and the
+proxy's own ``X-Forwarded-*``."""
+
 
 def connection_tokens(headers: Sequence[Header]) -> frozenset[bytes]:
     """Lowercased names listed by every ``Connection`` header, minus the exempt ones."""
@@ -68,6 +104,21 @@ def without_hop_by_hop(headers: Sequence[Header]) -> list[Header]:
 def response_headers_for_client(headers: Sequence[Header]) -> list[Header]:
     """A backend's response headers as the client gets them."""
     return without_hop_by_hop(headers)
+
+
+def trailers_across(trailers: Sequence[Header]) -> list[Header]:
+    """A trailer section as it may cross the proxy, either way: what RFC 9110 §6.5.1 forbids in
+    trailers, hop-by-hop fields, the proxy's own ``X-Forwarded-*`` (client-certificate results
+    included) and names with an underscore are dropped, so nothing spoofed or steering can
+    ride in after the body."""
+    return [
+        (name, value)
+        for name, value in trailers
+        if (key := name.lower()) not in HOP_BY_HOP
+        and key not in NOT_IN_TRAILERS
+        and not key.startswith(b"x-forwarded-")
+        and b"_" not in key
+    ]
 
 
 def is_client_cert_header(name: bytes) -> bool:
@@ -97,6 +148,11 @@ def request_headers_for_backend(
     out: list[Header] = []
     for name, value in without_hop_by_hop(headers):
         key = name.lower()
+        if b"_" in key:
+            # Dropped like nginx does by default: CGI-style backends read ``X_Forwarded_For``
+            # and ``X-Forwarded-For`` as one variable, so an underscore spelling could pass
+            # for a header the proxy sets.
+            continue
         if key == b"x-forwarded-for":
             forwarded_for.extend(p for part in value.split(b",") if (p := part.strip()))
             continue
