@@ -227,8 +227,16 @@ def test_no_server_with_weight_gives_503(proxy: Proxy) -> None:
         (b"GET / HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (65 * 1024) + b"\r\n\r\n", b"431"),
         (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", b"400"),
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", b"501"),
+        (b"CONNECT backend.internal:22 HTTP/1.1\r\nHost: backend.internal:22\r\n\r\n", b"405"),
     ],
-    ids=["cl-and-te", "conflicting-cl", "oversized-headers", "bad-header-name", "unknown-te"],
+    ids=[
+        "cl-and-te",
+        "conflicting-cl",
+        "oversized-headers",
+        "bad-header-name",
+        "unknown-te",
+        "connect",
+    ],
 )
 def test_rejected_requests_never_reach_the_backend(
     proxy: Proxy, recorder: RecordingBackend, request_bytes: bytes, status: bytes
@@ -242,6 +250,19 @@ def test_rejected_requests_never_reach_the_backend(
         b"HTTP/1.1 200 "
     )
     assert b"/smuggled" not in recorder.received
+
+
+def test_only_websocket_upgrades_are_tunnelled(proxy: Proxy, recorder: RecordingBackend) -> None:
+    before = len(recorder.received)
+    reply = raw_exchange(
+        proxy.port("rec"),
+        b"GET /h2c HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 200 "), reply
+    seen = bytes(recorder.received[before:]).lower()
+    assert b"get /h2c http/1.1" in seen
+    assert b"upgrade" not in seen and b"http2-settings" not in seen
 
 
 def test_spoofed_headers_and_trailers_never_reach_the_backend(

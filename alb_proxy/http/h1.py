@@ -112,6 +112,9 @@ class H1Session:
         if head_size > self.route.max_header_bytes:
             await self._refuse(431, f"request head of {head_size} bytes")
             return False
+        if request.method == b"CONNECT":
+            await self._refuse(405, "CONNECT is not proxied")  # a reverse proxy, not a tunnel
+            return False
         framing = {name for name, _ in request.headers if name in _FRAMING}
         if len(framing) == 2:
             await self._refuse(400, "Content-Length and Transfer-Encoding both present")
@@ -280,6 +283,10 @@ class H1Session:
         upgrade = dict(switch.headers).get(b"upgrade", b"websocket")
         headers = response_headers_for_client(switch.headers)
         headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        if upgrade.strip().lower() != b"websocket":
+            conn.close()  # only WebSocket was asked for
+            await self.send_error(502, f"backend switched to {upgrade!r}, not websocket")
+            return
         try:
             self._write(
                 h11.InformationalResponse(status_code=101, headers=headers, reason=switch.reason)
@@ -323,11 +330,15 @@ async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle
 
 
 def _upgrade_requested(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """The Upgrade header's value when the client asks to switch protocols."""
+    """``websocket`` when the client asks to switch to it. Other upgrades (``h2c``, ...) are
+    not tunnelled: their Upgrade header is dropped as hop-by-hop and the request forwarded
+    as a plain one, so no backend can switch a client out of the proxy's view (h2c smuggling).
+    """
     tokens = {t.strip().lower() for n, v in headers if n == b"connection" for t in v.split(b",")}
     if b"upgrade" not in tokens:
         return None
-    return next((v for n, v in headers if n == b"upgrade"), None)
+    offered = {t.strip().lower() for n, v in headers if n == b"upgrade" for t in v.split(b",")}
+    return b"websocket" if b"websocket" in offered else None
 
 
 def _zero_length(headers: Sequence[tuple[bytes, bytes]]) -> bool:
