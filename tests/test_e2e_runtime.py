@@ -414,6 +414,26 @@ def test_changes_survive_a_restart(env: tuple[Proxy, Api, Any], tmp_path: Path) 
         assert again.stop() == 0
 
 
+def test_a_config_put_goes_through_the_strict_loader(env: tuple[Proxy, Api, Any]) -> None:
+    proxy, api, _ = env
+    generation = api.ok("GET", "/v1/config")["generation"]
+    body = proxy.config_path.read_text() + "listeners: []\n"  # a duplicate key
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{api.port}/v1/config",
+        data=body.encode(),
+        method="PUT",
+        headers={"Authorization": f"Bearer {api.token}", "Content-Type": "application/yaml"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    with refused.value as answer:
+        assert answer.code == 422
+        error = json.loads(answer.read())["error"]
+    assert any("duplicate key 'listeners'" in p for p in error["problems"]), error
+    assert api.ok("GET", "/v1/config")["generation"] == generation
+    assert [x["name"] for x in api.ok("GET", "/v1/listeners")["listeners"]] == ["web"]
+
+
 def test_concurrent_changes_are_serialised_and_none_is_lost(env: tuple[Proxy, Api, Any]) -> None:
     proxy, api, root = env
     pems = [server_pem(root, [f"n{i}.example.test"]) for i in range(6)]

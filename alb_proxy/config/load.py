@@ -40,23 +40,37 @@ def load_config(path: Path, *, check: bool = True) -> Config:
         raise ConfigError([Problem(str(path), f"cannot read: {exc.strerror or exc}")]) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError([Problem(str(path), f"not UTF-8 text (byte {exc.start})")]) from exc
+    config = parse_config(read_yaml(text, str(path)))
+    problems = check_config(config) if check else []
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def read_yaml(text: str, source: str) -> object:
+    """Config text to plain data with the strict loader every config goes through (a file,
+    ``ctl apply``, the admin API): duplicate keys and non-plain tags are errors. Messages
+    name the line and column, never quote the text."""
     try:
         data = yaml.load(text, Loader=_StrictLoader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
         problem = exc.problem or exc.context or "invalid YAML"
-        raise ConfigError([Problem(str(path), f"{where}{problem}")]) from exc
+        raise ConfigError([Problem(source, f"{where}{problem}")]) from None
     except (yaml.YAMLError, ValueError, RecursionError) as exc:
         # ValueError: an integer too long to convert; RecursionError: absurdly deep nesting.
-        raise ConfigError([Problem(str(path), f"invalid YAML: {exc}")]) from exc
+        detail = (
+            "nested too deeply"
+            if isinstance(exc, RecursionError)
+            else str(exc)
+            if isinstance(exc, ValueError)
+            else type(exc).__name__
+        )
+        raise ConfigError([Problem(source, f"invalid YAML: {detail}")]) from None
     if data is None:
-        raise ConfigError([Problem(str(path), "the file is empty")])
-    config = parse_config(data)
-    problems = check_config(config) if check else []
-    if problems:
-        raise ConfigError(problems)
-    return config
+        raise ConfigError([Problem(source, "the file is empty")])
+    return data
 
 
 def parse_config(data: object) -> Config:

@@ -17,10 +17,8 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-import yaml
-
 from alb_proxy.config.dump import dump_config
-from alb_proxy.config.load import parse_config
+from alb_proxy.config.load import parse_config, read_yaml
 from alb_proxy.config.model import CertificateKind, Listener, Server
 from alb_proxy.control import operations as ops
 from alb_proxy.control.openapi import openapi_document
@@ -636,11 +634,11 @@ async def get_config(api: AdminApi, request: Request, p: dict[str, str]) -> tupl
 )
 async def put_config(api: AdminApi, request: Request, p: dict[str, str]) -> tuple[int, Any]:
     try:
-        data = yaml.safe_load(request.body.decode("utf-8"))
-    except (UnicodeDecodeError, yaml.YAMLError) as exc:
-        raise ApiError(400, f"the body is not YAML or JSON: {exc}") from exc
+        text = request.body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApiError(400, "the body is not UTF-8 text") from exc
     before = api.plane.generation
-    config = parse_config(data)
+    config = parse_config(read_yaml(text, "body"))
     await api.plane.apply_config(config, "PUT /v1/config", if_match=api.if_match(request))
     return 200, api.changed(changed=api.plane.generation != before)
 
