@@ -95,6 +95,23 @@ def test_unused_certificates_and_server_groups_are_fine() -> None:
 
 CASES: dict[str, tuple[Callable[[], Config], list[str]]] = {
     # identity
+    "certificate id that could climb out of state_dir": (
+        lambda: replace(
+            BASE,
+            certificates=(SITE, API, CA, replace(API, id="../../victim/data")),
+        ),
+        [
+            "certificates[3].id: '../../victim/data': use letters, digits, '.', '_' and '-' "
+            "(at most 128, starting with a letter or digit)"
+        ],
+    ),
+    "listener name with a space": (
+        lambda: with_listener(2, name="http 80"),
+        [
+            "listeners[2].name: 'http 80': use letters, digits, '.', '_' and '-' "
+            "(at most 128, starting with a letter or digit)"
+        ],
+    ),
     "duplicate certificate id": (
         lambda: replace(BASE, certificates=(SITE, API, CA, replace(API, cert=Path("b.pem")))),
         ["certificates[cert-api].id: defined more than once"],

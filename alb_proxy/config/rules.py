@@ -97,12 +97,23 @@ def _positive(path: str, value: float) -> Iterator[Problem]:
         yield Problem(path, f"must be greater than 0, got {value}")
 
 
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+"""Ids and names: they become file names in ``state_dir``, URL path segments and metric
+labels, so nothing that could climb out of a directory or need quoting."""
+
+
 def _unique(section: str, key: str, names: Iterable[str]) -> Iterator[Problem]:
     seen: set[str] = set()
     reported: set[str] = set()
     for i, name in enumerate(names):
         if not name:
             yield Problem(f"{section}[{i}].{key}", "must not be empty")
+        elif not _NAME.fullmatch(name):
+            yield Problem(
+                f"{section}[{i}].{key}",
+                f"{name!r}: use letters, digits, '.', '_' and '-' (at most 128, "
+                "starting with a letter or digit)",
+            )
         elif name in seen and name not in reported:
             reported.add(name)
             yield Problem(f"{section}[{name}].{key}", "defined more than once")

@@ -146,6 +146,7 @@ class Store:
         self, cert_id: str, cert_pem: bytes, key_pem: bytes | None
     ) -> tuple[Path, Path | None]:
         """Write ``certs/ID.pem`` and (0600) ``keys/ID.key`` atomically; returns both paths."""
+        _require_plain(cert_id)
         cert_path = write_atomic(self.certs_dir / f"{cert_id}.pem", cert_pem, 0o644)
         key_path = None
         if key_pem is not None:
@@ -153,8 +154,15 @@ class Store:
         return cert_path, key_path
 
     def remove_files(self, cert_id: str) -> None:
+        _require_plain(cert_id)
         for path in (self.certs_dir / f"{cert_id}.pem", self.keys_dir / f"{cert_id}.key"):
             path.unlink(missing_ok=True)
+
+
+def _require_plain(cert_id: str) -> None:
+    """The config rules allow only plain names; this guards the file system all the same."""
+    if not cert_id or "/" in cert_id or "\\" in cert_id or cert_id.startswith("."):
+        raise ValueError(f"not a plain certificate id: {cert_id!r}")
 
 
 def _lock(path: Path) -> int:
