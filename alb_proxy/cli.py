@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
     from alb_proxy.config.load import load_config
     from alb_proxy.config.rules import check_config
     from alb_proxy.control.snapshot import build_snapshot, certificate_problems
-    from alb_proxy.control.store import StateDirBusy
+    from alb_proxy.control.store import StateError
     from alb_proxy.daemon import Daemon, RunOptions
     from alb_proxy.observability.log import setup_logging
     from alb_proxy.observability.metrics import Metrics
@@ -135,7 +135,7 @@ def _run(args: argparse.Namespace) -> int:
                 log_level=args.log_level,
             ),
         )
-    except StateDirBusy as exc:
+    except StateError as exc:
         print(f"alb-proxy: cannot serve: {exc}", file=sys.stderr)
         return 1
     except ConfigError as exc:

@@ -362,7 +362,11 @@ def _admin_token(admin: Admin, state_dir: Path) -> str:
         return os.environ[TOKEN_ENV]
     path = admin.token_file or state_dir / "admin.token"
     if path.exists():
-        token = path.read_text().strip()
+        try:
+            token = path.read_text().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            detail = exc.strerror if isinstance(exc, OSError) else "not text"
+            raise AlbError(f"admin token file {path}: {detail or exc}") from None
         if not token:
             raise AlbError(f"admin token file {path} is empty")
         return token

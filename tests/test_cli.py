@@ -287,3 +287,25 @@ def test_usage_errors_are_one_json_object_with_json() -> None:
     plain = run_cli("ctl", "server", "weight", "sg", "127.0.0.1:8081", "abc")
     assert plain.returncode == 2 and plain.stdout == ""
     assert "invalid int value: 'abc'" in plain.stderr
+
+
+@pytest.mark.parametrize(
+    ("make", "message"),
+    [
+        (lambda d: (d / "afile").write_text(""), "state_dir afile is not a directory"),
+        (
+            lambda d: (d / "afile").mkdir() or (d / "afile" / "state.db").write_text("garbage"),
+            "state.db cannot be used (file is not a database)",
+        ),
+    ],
+    ids=["state-dir-is-a-file", "damaged-database"],
+)
+def test_an_unusable_state_dir_is_one_clear_line(
+    tmp_path: Path, pki: Pki, make: Any, message: str
+) -> None:
+    make(tmp_path)
+    config = {**base_config(pki), "state_dir": "afile"}  # refused before anything binds
+    done = run_cli("run", "--config", str(write_config(tmp_path, config)), cwd=tmp_path)
+    assert done.returncode == 1, done.stderr
+    assert f"alb-proxy: cannot serve: {message}" in done.stderr
+    assert "Traceback" not in done.stderr

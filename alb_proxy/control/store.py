@@ -59,7 +59,11 @@ class CertificateRecord:
     uploaded_at: str
 
 
-class StateDirBusy(AlbError):
+class StateError(AlbError):
+    """``state_dir`` cannot be used: not a directory, not writable, a damaged database."""
+
+
+class StateDirBusy(StateError):
     """Another daemon owns ``state_dir``: two writers would each number generations alone."""
 
 
@@ -68,18 +72,32 @@ class Store:
         self.state_dir = state_dir
         self.certs_dir = state_dir / "certs"
         self.keys_dir = state_dir / "keys"
-        state_dir.mkdir(parents=True, exist_ok=True)
-        os.chmod(state_dir, 0o700)
-        self._lock_fd = _lock(state_dir / "lock")
-        for directory, mode in ((self.certs_dir, 0o755), (self.keys_dir, 0o700)):
-            directory.mkdir(parents=True, exist_ok=True)
-            os.chmod(directory, mode)
-        self._db = sqlite3.connect(
-            state_dir / "state.db", isolation_level=None, check_same_thread=False
-        )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        if state_dir.exists() and not state_dir.is_dir():
+            raise StateError(f"state_dir {state_dir} is not a directory")
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            os.chmod(state_dir, 0o700)
+            self._lock_fd = _lock(state_dir / "lock")
+            for directory, mode in ((self.certs_dir, 0o755), (self.keys_dir, 0o700)):
+                directory.mkdir(parents=True, exist_ok=True)
+                os.chmod(directory, mode)
+        except OSError as exc:
+            where = exc.filename or state_dir
+            raise StateError(f"state_dir {where}: {exc.strerror or exc}") from None
+        try:
+            self._db = sqlite3.connect(
+                state_dir / "state.db", isolation_level=None, check_same_thread=False
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.executescript(_SCHEMA)
+            self._db.execute("SELECT count(*) FROM configs").fetchone()
+        except sqlite3.Error as exc:
+            os.close(self._lock_fd)
+            raise StateError(
+                f"state_dir {state_dir}: state.db cannot be used ({exc}); move it away to "
+                "start from the config file again"
+            ) from None
 
     def close(self) -> None:
         self._db.close()
