@@ -295,7 +295,7 @@ def test_usage_errors_are_one_json_object_with_json() -> None:
         (lambda d: (d / "afile").write_text(""), "state_dir afile is not a directory"),
         (
             lambda d: (d / "afile").mkdir() or (d / "afile" / "state.db").write_text("garbage"),
-            "state.db cannot be used (file is not a database)",
+            "state_dir afile: state.db cannot be used (file is not a database)",
         ),
     ],
     ids=["state-dir-is-a-file", "damaged-database"],
