@@ -34,7 +34,7 @@ from alb_proxy.config.rules import MAX_WORKERS, check_config
 from alb_proxy.control.admin import AdminServer
 from alb_proxy.control.api import AdminApi
 from alb_proxy.control.plane import Build, ControlPlane, with_uploads
-from alb_proxy.control.snapshot import Snapshot, build_snapshot
+from alb_proxy.control.snapshot import Material, Snapshot, build_snapshot
 from alb_proxy.control.store import Store, write_atomic
 from alb_proxy.control.views import expiring_in_use
 from alb_proxy.dataplane import DataPlane
@@ -109,11 +109,17 @@ class Daemon:
     def snapshot(self) -> Snapshot:
         return self.plane.snapshot
 
-    def _validate(self, config: Config, generation: int) -> Snapshot:
+    def _validate(self, config: Config, generation: int, material: Material | None) -> Snapshot:
         """With workers, the control plane's own build only proves the config can be served
-        (every file, key and SSL context); each worker builds the snapshot it serves."""
+        (every certificate, key and SSL context); each worker builds the snapshot it serves
+        from the same bytes."""
         return build_snapshot(
-            config, ConnectionPool(), self.metrics, registry=HealthRegistry(), generation=generation
+            config,
+            ConnectionPool(),
+            self.metrics,
+            registry=HealthRegistry(),
+            generation=generation,
+            material=material,
         )
 
     def _initial_snapshot(self, file_config: Config, build: Build) -> Snapshot:
@@ -151,10 +157,10 @@ class Daemon:
                 generation=stored.generation,
                 state_dir=file_config.state_dir,
             )
-            return build(config, stored.generation)
+            return build(config, stored.generation, None)
         generation = 1 if stored is None else stored.generation + 1
         file_config = with_uploads(file_config, self.store)
-        snapshot = build(file_config, generation)
+        snapshot = build(file_config, generation, None)
         if stored is not None:
             event(
                 logging.WARNING,
@@ -287,7 +293,9 @@ class Daemon:
                 await self.dataplane.publish(snapshot, bindings(table, 0))
             else:
                 assert self.workers is not None
-                publication = Publication(snapshot.generation, dump_config(snapshot.config), table)
+                publication = Publication(
+                    snapshot.generation, dump_config(snapshot.config), table, snapshot.material
+                )
                 if self._workers_started:
                     await self.workers.publish(publication)
                 else:

@@ -19,7 +19,7 @@ from dataclasses import replace
 from typing import Any
 
 from alb_proxy.config.model import Config
-from alb_proxy.control.snapshot import Snapshot, build_snapshot, health_checks
+from alb_proxy.control.snapshot import Material, Snapshot, build_snapshot, health_checks
 from alb_proxy.listeners.quic import QuicListener, QuicPlan
 from alb_proxy.listeners.sockets import Binding
 from alb_proxy.listeners.tcp import ListenerPlan, TcpListener
@@ -43,7 +43,14 @@ class DataPlane:
         self._reported: set[str] = set()
         """Servers with an ``alb_upstream_server_healthy`` series."""
 
-    def build(self, config: Config, generation: int, *, log_warnings: bool = True) -> Snapshot:
+    def build(
+        self,
+        config: Config,
+        generation: int,
+        material: Material | None = None,
+        *,
+        log_warnings: bool = True,
+    ) -> Snapshot:
         """A snapshot wired to this process's pool, health registry and metrics."""
         return build_snapshot(
             config,
@@ -52,6 +59,7 @@ class DataPlane:
             registry=self.registry,
             generation=generation,
             log_warnings=log_warnings,
+            material=material,
         )
 
     @property

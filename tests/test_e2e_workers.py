@@ -9,6 +9,7 @@ a port somebody else holds is refused even though the workers share ports with S
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import signal
 import socket
@@ -19,7 +20,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 from certfactory import make_ca, make_server, write_pair
+from cryptography.hazmat.primitives.serialization import Encoding
 from h3client import h3_get
 from harness import (
     Backend,
@@ -265,3 +268,29 @@ def test_a_port_held_by_another_process_is_refused(tmp_path: Path, demo_backend:
     assert done.returncode == 1, done.stderr
     assert f"listeners[h12] 127.0.0.1:{taken}: Address already in use" in done.stderr
     assert "Traceback" not in done.stderr
+
+
+def test_files_replaced_on_disk_reach_every_worker_only_when_applied(
+    env: tuple[Proxy, Api, Any], tmp_path: Path
+) -> None:
+    proxy, api, root = env
+    port = proxy.port("web")
+    before = served_fingerprint(port, "site.example.test")
+    # Rotate the certificate files in place, as certbot or an operator would.
+    rotated = make_server(root, ["site.example.test"])
+    write_pair(tmp_path, "initial", rotated)
+    rotated_fp = hashlib.sha256(rotated.cert.public_bytes(Encoding.DER)).hexdigest()
+    # A worker that dies now is replaced with the generation's own bytes, not the new files:
+    # the workers never disagree about which certificate a generation serves.
+    os.kill(proxy.workers[1], signal.SIGKILL)
+    assert proxy.next_state()["state"] == "worker_replaced"
+    assert {served_fingerprint(port, "site.example.test") for _ in range(30)} == {before}
+    # SIGHUP with an unchanged file is a change all the same: the certificate bytes differ.
+    generation = api.ok("GET", "/v1/config")["generation"]
+    config = yaml.safe_load(proxy.config_path.read_text())
+    assert proxy.reload(config)["state"] == "reloaded"
+    assert api.ok("GET", "/v1/config")["generation"] == generation + 1
+    assert {served_fingerprint(port, "site.example.test") for _ in range(30)} == {rotated_fp}
+    # Nothing replaced since: the next SIGHUP changes nothing.
+    assert proxy.reload(config)["state"] == "reloaded"
+    assert api.ok("GET", "/v1/config")["generation"] == generation + 1

@@ -22,15 +22,22 @@ from alb_proxy.config.dump import dump_config
 from alb_proxy.config.model import Certificate, CertificateKind, Config
 from alb_proxy.config.rules import check_config
 from alb_proxy.control.operations import OperationError, add_certificate, delete_certificate
-from alb_proxy.control.snapshot import Snapshot, certificate_problems
+from alb_proxy.control.snapshot import (
+    Material,
+    Snapshot,
+    certificate_problems,
+    material_digest,
+    read_material,
+)
 from alb_proxy.control.store import CertificateRecord, Store
 from alb_proxy.errors import ConfigError
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 
 Operation = Callable[[Config], Config]
-Build = Callable[[Config, int], Snapshot]
-"""Builds the snapshot of a validated config at a generation (files, keys, SSL contexts)."""
+Build = Callable[[Config, int, Material | None], Snapshot]
+"""Builds the snapshot of a validated config at a generation from the certificate bytes given
+(None: read the files), making its SSL contexts."""
 
 
 class PreconditionFailed(OperationError):
@@ -75,14 +82,18 @@ class ControlPlane:
             if if_match is not None and if_match != current.generation:
                 raise PreconditionFailed(if_match, current.generation)
             config = operation(current.config)
-            if dump_config(config) == dump_config(current.config):
-                return current  # nothing to do: no new generation
+            material = await asyncio.to_thread(read_material, config)
+            if (
+                dump_config(config) == dump_config(current.config)
+                and material_digest(material) == current.material_digest
+            ):
+                return current  # nothing to do (not even a replaced certificate file)
             problems = check_config(config)
             if problems:
                 cert_problems = await asyncio.to_thread(certificate_problems, config)
                 raise ConfigError([*problems, *cert_problems])
             generation = current.generation + 1
-            snapshot = await asyncio.to_thread(self._build, config, generation)
+            snapshot = await asyncio.to_thread(self._build, config, generation, material)
             try:
                 await self._publish(snapshot)
             except OSError as exc:

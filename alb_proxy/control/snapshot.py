@@ -9,10 +9,13 @@ serving. Building does file reads and OpenSSL calls, so it runs before binding a
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from pathlib import Path
 
 from alb_proxy.certs.ca import CaBundle, load_ca_bundle
 from alb_proxy.certs.pem import read_pem_file
@@ -31,6 +34,14 @@ from alb_proxy.upstream.group import Backend, GroupRuntime
 from alb_proxy.upstream.health import CheckSpec, HealthRegistry, parse_codes
 from alb_proxy.upstream.pool import ConnectionPool
 
+Material = Mapping[str, bytes]
+"""The bytes of every certificate, chain and key file a config names, by path as written.
+
+Read once by the control plane per change; every snapshot of that generation (the control
+plane's own and each worker's) is built from these bytes, never from the files again, so a file
+replaced on disk cannot make two workers serve different certificates, and a change that only
+replaced files is still a change (SIGHUP after a certificate rotation)."""
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -39,26 +50,68 @@ class Snapshot:
     server_certificates: Mapping[str, ServerCertificate]
     ca_bundles: Mapping[str, CaBundle]
     plans: Mapping[str, ListenerPlan | QuicPlan]
+    material: Material = field(default_factory=dict, repr=False)
+    """What the certificates were built from (holds private keys: never logged)."""
+
+    @property
+    def material_digest(self) -> str:
+        return material_digest(self.material)
+
+
+def material_paths(config: Config) -> list[Path]:
+    return [
+        path
+        for cert in config.certificates
+        for path in (cert.cert, cert.key, cert.chain)
+        if path is not None
+    ]
+
+
+def read_material(config: Config) -> dict[str, bytes]:
+    """Every file of the config that can be read; the loaders report the others."""
+    material: dict[str, bytes] = {}
+    for path in material_paths(config):
+        with contextlib.suppress(AlbError):
+            material[str(path)] = read_pem_file(path)
+    return material
+
+
+def material_digest(material: Material) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(material):
+        digest.update(hashlib.sha256(path.encode()).digest())
+        digest.update(hashlib.sha256(material[path]).digest())
+    return digest.hexdigest()
 
 
 def load_certificates(
-    config: Config, now: datetime, *, log_warnings: bool = True
+    config: Config,
+    now: datetime,
+    *,
+    log_warnings: bool = True,
+    material: Material | None = None,
 ) -> tuple[dict[str, ServerCertificate], dict[str, CaBundle]]:
-    """Read and check every certificate of the config; every problem is reported at once."""
+    """Check every certificate of the config (from ``material``, else the files); every problem
+    is reported at once."""
     servers: dict[str, ServerCertificate] = {}
     cas: dict[str, CaBundle] = {}
     problems: list[Problem] = []
+
+    def read(path: Path) -> bytes:
+        found = material.get(str(path)) if material is not None else None
+        return found if found is not None else read_pem_file(path)
+
     for cert in config.certificates:
         path = f"certificates[{cert.id}]"
         try:
             if cert.kind is CertificateKind.SERVER:
                 assert cert.key is not None  # enforced by the config rules
-                chain = read_pem_file(cert.chain) if cert.chain is not None else None
+                chain = read(cert.chain) if cert.chain is not None else None
                 servers[cert.id] = load_server_certificate(
-                    cert.id, read_pem_file(cert.cert), read_pem_file(cert.key), chain, now=now
+                    cert.id, read(cert.cert), read(cert.key), chain, now=now
                 )
             else:
-                cas[cert.id] = load_ca_bundle(cert.id, read_pem_file(cert.cert), now=now)
+                cas[cert.id] = load_ca_bundle(cert.id, read(cert.cert), now=now)
         except AlbError as exc:
             # The path names the certificate already; the loader's message starts with its id.
             problems.append(Problem(path, str(exc).removeprefix(f"{cert.id}: ")))
@@ -96,11 +149,14 @@ def build_snapshot(
     generation: int = 0,
     now: datetime | None = None,
     log_warnings: bool = True,
+    material: Material | None = None,
 ) -> Snapshot:
-    """``log_warnings``: log certificate warnings (once per change, by the control plane)."""
+    """``log_warnings``: log certificate warnings (once per change, by the control plane).
+    ``material``: the certificate bytes to build from (default: read the files now)."""
     now = now or datetime.now(UTC)
     registry = registry or HealthRegistry()
-    servers, cas = load_certificates(config, now, log_warnings=log_warnings)
+    material = read_material(config) if material is None else material
+    servers, cas = load_certificates(config, now, log_warnings=log_warnings, material=material)
     groups = {
         g.id: GroupRuntime(
             g.id,
@@ -159,7 +215,7 @@ def build_snapshot(
     problems += _quic_upgrade_coverage(config, servers)
     if problems:
         raise ConfigError(problems)
-    return Snapshot(generation, config, servers, cas, plans)
+    return Snapshot(generation, config, servers, cas, plans, material)
 
 
 def _quic_certificates(

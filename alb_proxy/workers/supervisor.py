@@ -21,6 +21,7 @@ counters of a worker that died are kept as last scraped, so totals do not go bac
 from __future__ import annotations
 
 import asyncio
+import base64
 import itertools
 import logging
 import socket
@@ -52,6 +53,8 @@ class Publication:
     config: dict[str, Any]
     """The validated config, as ``dump_config`` writes it."""
     sockets: Mapping[str, BoundSet]
+    material: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    """The certificate and key bytes the generation is built from (``control.snapshot``)."""
 
 
 @dataclass
@@ -224,6 +227,11 @@ class Workers:
             "type": "publish",
             "generation": publication.generation,
             "config": publication.config,
+            # Over the worker's private socket pair only; never logged.
+            "material": {
+                path: base64.b64encode(data).decode("ascii")
+                for path, data in publication.material.items()
+            },
             "bindings": {
                 name: [bound.token, bound.port, bound.sock_for(worker.slot) is not None]
                 for name, bound in publication.sockets.items()

@@ -18,6 +18,7 @@ channel closes has lost its control plane: it drains and exits too, so no orphan
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import os
 import signal
@@ -94,8 +95,9 @@ class Worker:
     async def _publish(self, message: Message) -> None:
         generation: int = message["generation"]
         config = parse_config(message["config"])
+        material = {path: base64.b64decode(data) for path, data in message["material"].items()}
         snapshot = await asyncio.to_thread(
-            self.dataplane.build, config, generation, log_warnings=False
+            self.dataplane.build, config, generation, material, log_warnings=False
         )
         bindings = {
             name: Binding(token, port, self._sockets.get(token) if serve else None)
