@@ -413,10 +413,18 @@ def _apply(a: argparse.Namespace) -> ApiRequest:
     else:
         path = a.cwd / a.file
         try:
-            text = path.read_text()
+            with open(path, "rb") as f:
+                raw = f.read(MAX_UPLOAD_BYTES + 1)
+            text = raw.decode("utf-8")
         except (OSError, UnicodeDecodeError) as exc:
             raise UsageError(f"cannot read {path}: {_why(exc)}") from exc
+        if len(raw) > MAX_UPLOAD_BYTES:
+            raise UsageError(f"{path} is larger than {MAX_UPLOAD_BYTES // 1024} KiB")
     return ApiRequest("PUT", api_path("v1", "config"), text, content_type="application/yaml")
+
+
+MAX_UPLOAD_BYTES = 1 << 20
+"""What the admin API accepts in one request body (``control.admin.MAX_BODY``)."""
 
 
 def _host_port(address: str) -> str:
@@ -431,9 +439,14 @@ def _read_pem(path: Path, option: str, label: str) -> str:
     """Read a PEM file for upload. The local path is in every message (the API never learns
     it); the content is in none (it may be a private key)."""
     try:
-        data = path.read_bytes()
+        with open(path, "rb") as f:
+            data = f.read(MAX_UPLOAD_BYTES + 1)  # bounded: /dev/zero is not a certificate
     except OSError as exc:
         raise UsageError(f"{option}: cannot read {path}: {_why(exc)}") from exc
+    if len(data) > MAX_UPLOAD_BYTES:
+        raise UsageError(
+            f"{option}: {path} is larger than {MAX_UPLOAD_BYTES // 1024} KiB; not a PEM file"
+        )
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:

@@ -414,6 +414,33 @@ def test_changes_survive_a_restart(env: tuple[Proxy, Api, Any], tmp_path: Path) 
         assert again.stop() == 0
 
 
+def test_oversized_and_absurdly_nested_bodies_are_client_errors(
+    env: tuple[Proxy, Api, Any],
+) -> None:
+    _, api, _ = env
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as s:
+        s.sendall(
+            b"PUT /v1/config HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 2097152\r\n"
+            b"Authorization: Bearer " + api.token.encode() + b"\r\n\r\n"
+        )
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 413 Request Entity Too Large\r\n"), reply[:100]
+    deep = "[" * 100_000 + "]" * 100_000
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{api.port}/v1/certificates",
+        data=deep.encode(),
+        method="POST",
+        headers={"Authorization": f"Bearer {api.token}", "Content-Type": "application/json"},
+    )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    with refused.value as answer:
+        assert answer.code == 400
+        assert "nested too deeply" in json.loads(answer.read())["error"]["message"]
+
+
 def test_a_config_put_goes_through_the_strict_loader(env: tuple[Proxy, Api, Any]) -> None:
     proxy, api, _ = env
     generation = api.ok("GET", "/v1/config")["generation"]

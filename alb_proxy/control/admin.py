@@ -6,6 +6,7 @@ One request at a time per connection, bodies up to 1 MiB, loopback by default.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from http import HTTPStatus
 
@@ -16,6 +17,10 @@ from alb_proxy.observability.log import event
 
 MAX_BODY = 1024 * 1024
 _MAX_HEAD = 16 * 1024
+
+
+class _TooLarge(Exception):
+    """A request body over MAX_BODY: answered 413, then the connection is closed."""
 
 
 class AdminServer:
@@ -61,6 +66,13 @@ class AdminServer:
                 if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                     break
                 conn.start_next_cycle()
+        except _TooLarge:
+            body = b'{"error": {"status": 413, "code": "too_large", "message": "the body is ' + (
+                b'over %d KiB"}}' % (MAX_BODY // 1024)
+            )
+            with contextlib.suppress(h11.ProtocolError, ConnectionError):
+                self._send(conn, writer, Response(413, body, headers=(("connection", "close"),)))
+                await writer.drain()
         except (h11.ProtocolError, ConnectionError, TimeoutError):
             pass
         finally:
@@ -79,10 +91,13 @@ class AdminServer:
                 continue
             if isinstance(ev, h11.Request):
                 head = ev
+                declared = dict(ev.headers).get(b"content-length")
+                if declared is not None and int(declared) > MAX_BODY:
+                    raise _TooLarge()  # answered before any of the body is read
             elif isinstance(ev, h11.Data):
                 body += ev.data
                 if len(body) > MAX_BODY:
-                    return None
+                    raise _TooLarge()
             elif isinstance(ev, h11.EndOfMessage) and head is not None:
                 headers = {
                     k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head.headers

@@ -215,6 +215,8 @@ def _json(request: Request) -> dict[str, Any]:
         body = json.loads(request.body or b"{}")
     except ValueError as exc:
         raise ApiError(400, f"the body is not JSON: {exc}") from exc
+    except RecursionError:
+        raise ApiError(400, "the body is not JSON this API reads: nested too deeply") from None
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body

@@ -25,13 +25,19 @@ def setup_logging(level: str = "INFO") -> None:
     root.propagate = False
 
 
+_CONTROL = {c: f"\\x{c:02x}" for c in (*range(0x20), 0x7F)}
+"""Control characters a peer could send (CR, LF, NUL, ESC) would forge lines or terminal
+sequences in the log: each is written as ``\\xNN``."""
+
+
 def fields(**values: object) -> str:
-    """Render ``key=value`` pairs, quoting values with spaces or quotes."""
+    """Render ``key=value`` pairs, quoting values with spaces or quotes, escaping controls."""
     parts = []
     for key, value in values.items():
         text = "-" if value is None else str(value)
-        if not text or any(c in text for c in ' "='):
-            text = '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        if not text or any(c in text for c in ' "=\\') or any(ord(c) in _CONTROL for c in text):
+            escaped = text.replace("\\", "\\\\").replace('"', '\\"').translate(_CONTROL)
+            text = '"' + escaped + '"'
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
