@@ -372,6 +372,80 @@ def test_openssl_s_client_sees_unknown_ca(proxy: Proxy, mpki: MtlsPki) -> None:
     assert "alert unknown ca" in done.stderr
 
 
+OPENSSL_ALERTS = {
+    "good": None,
+    "via-intermediate": None,  # sends the intermediate that issued it
+    "other-ca": "alert unknown ca",
+    "intermediate-not-sent": "alert unknown ca",
+    "expired": "alert certificate expired",
+    "not-yet-valid": "alert bad certificate",
+    "server-eku": "alert unsupported certificate",
+}
+
+
+@pytest.mark.parametrize(("who", "alert"), OPENSSL_ALERTS.items(), ids=OPENSSL_ALERTS.keys())
+@pytest.mark.parametrize("version", ["-tls1_2", "-tls1_3"])
+def test_openssl_s_client_reads_the_alert_of_each_case(
+    proxy: Proxy, mpki: MtlsPki, who: str, alert: str | None, version: str
+) -> None:
+    client = mpki.clients[who]
+    done = subprocess.run(
+        [
+            "openssl",
+            "s_client",
+            "-connect",
+            f"127.0.0.1:{proxy.port('bundle')}",
+            version,
+            "-cert",
+            str(client.cert),
+            "-key",
+            str(client.key),
+            # s_client sends only the leaf of -cert; the intermediate goes by -cert_chain
+            *(["-cert_chain", str(client.cert)] if who == "via-intermediate" else []),
+            "-ign_eof",
+        ],
+        input="GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if alert is None:
+        assert "HTTP/1.1 200 " in done.stdout, done.stderr
+        assert "x-forwarded-clientcert-clientverify" in done.stdout.lower()
+    else:
+        assert alert in done.stderr, done.stderr
+        assert "HTTP/1.1" not in done.stdout
+
+
+@pytest.mark.parametrize(
+    ("who", "alert"),
+    [("expired", "certificate expired"), ("intermediate-not-sent", "unknown ca")],
+)
+def test_curl_reports_the_alert(proxy: Proxy, mpki: MtlsPki, who: str, alert: str) -> None:
+    port, client = proxy.port("bundle"), mpki.clients[who]
+    done = subprocess.run(
+        [
+            "curl",
+            "-sS",
+            "--http1.1",
+            "--cacert",
+            str(mpki.server_ca),
+            "--resolve",
+            f"default.example.test:{port}:127.0.0.1",
+            "--cert",
+            str(client.cert),
+            "--key",
+            str(client.key),
+            f"https://default.example.test:{port}/",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert done.returncode != 0 and done.stdout == ""
+    assert alert in done.stderr, done.stderr
+
+
 def test_renegotiation_is_refused(proxy: Proxy, mpki: MtlsPki) -> None:
     good = mpki.clients["good"]
     client = subprocess.Popen(
