@@ -1,6 +1,6 @@
 """One request forwarded to a server group, whatever protocol the client spoke.
 
-The front-end adapters (HTTP/1.1 over h11, HTTP/3 over aioquic, HTTP/2 over h2) turn a client
+The front-end adapters (HTTP/1.1 over llhttp, HTTP/3 over aioquic, HTTP/2 over h2) turn a client
 request into a :class:`ForwardRequest` and offer a :class:`Downstream` to answer on; everything
 about the backend lives here once: choosing a server, rewriting headers, the keep-alive pool,
 a safe retry on a stale pooled connection, timeouts (504), unreachable or broken backends (502),
@@ -17,8 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-import h11
-
+from alb_proxy.http.h1wire import Data, End, ResponseHead, Switched, WireError
 from alb_proxy.http.headers import (
     request_headers_for_backend,
     response_headers_for_client,
@@ -26,7 +25,7 @@ from alb_proxy.http.headers import (
 )
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
-from alb_proxy.upstream.connection import BackendClosed, BackendConnection
+from alb_proxy.upstream.connection import BackendClosed, BackendConnection, BodyLengthMismatch
 from alb_proxy.upstream.group import GroupRuntime
 from alb_proxy.upstream.pool import ConnectionPool
 
@@ -116,7 +115,7 @@ class Downstream(Protocol):
 class Outcome:
     reusable: bool
     """The client connection can carry another request."""
-    upgraded: tuple[BackendConnection, h11.InformationalResponse] | None = None
+    upgraded: tuple[BackendConnection, ResponseHead] | None = None
     """The backend accepted an upgrade: the adapter tunnels over this connection, and calls
     ``route.group.finished(backend_index)`` when the tunnel ends (it counts as in flight)."""
     backend_index: int | None = None
@@ -144,7 +143,7 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
         headers.append((b"transfer-encoding", b"chunked"))
     if request.upgrade is not None:
         headers += [(b"connection", b"upgrade"), (b"upgrade", request.upgrade)]
-    outgoing = h11.Request(method=request.method, target=request.target, headers=headers)
+    outgoing = (request.method, request.target, headers)
     retry_allowed = not request.has_body and request.method in _IDEMPOTENT
     refused: set[int] = set()
     fresh = False
@@ -178,7 +177,9 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
         group.started(index)
         upgraded = False
         try:
-            outcome = await _exchange(conn, outgoing, request.has_body, down, route)
+            outcome = await _exchange(
+                conn, outgoing, request.has_body, request.upgrade is not None, down, route
+            )
             if outcome.upgraded is not None:
                 upgraded, outcome.backend_index = True, index  # the tunnel ends it
             return outcome
@@ -202,21 +203,23 @@ async def _refuse(down: Downstream, route: RouteSettings, status: int, detail: s
 
 async def _exchange(
     conn: BackendConnection,
-    outgoing: h11.Request,
+    outgoing: tuple[bytes, bytes, list[Header]],
     has_body: bool,
+    upgrade: bool,
     down: Downstream,
     route: RouteSettings,
 ) -> Outcome:
     started = time.monotonic()
     upload: asyncio.Task[None] | None = None
     try:
-        conn.write(outgoing)
+        conn.send_head(*outgoing)
         if has_body:
             upload = asyncio.create_task(_upload(conn, down, route.request_timeout))
         else:
-            conn.write(h11.EndOfMessage())
-            await conn.writer.drain()
+            await conn.drain()
         response = await _response_head(conn, upload, down, route.request_timeout)
+        if response.status == 101 and not upgrade:
+            raise WireError(502, "switched protocols unasked")
     except BadRequestBody as exc:
         await _abandon(conn, upload)
         await _refuse(down, route, exc.status, exc.detail)
@@ -233,7 +236,7 @@ async def _exchange(
         route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
         await _refuse(down, route, 502, f"{conn.address}: {_describe(exc)}")
         return Outcome(False)
-    except h11.ProtocolError as exc:
+    except WireError as exc:
         await _abandon(conn, upload)
         route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
         await _refuse(down, route, 502, f"{conn.address} answered garbage: {exc}")
@@ -242,7 +245,7 @@ async def _exchange(
         await _abandon(conn, upload)
         raise
     route.metrics.upstream_latency.labels(route.group.id).observe(time.monotonic() - started)
-    if isinstance(response, h11.InformationalResponse):
+    if response.status == 101:
         return Outcome(False, upgraded=(conn, response))
     framing = {name for name, _ in response.headers if name in _FRAMING}
     if len(framing) == 2:
@@ -259,17 +262,17 @@ async def _exchange(
 async def _upload(conn: BackendConnection, down: Downstream, timeout: float) -> None:
     """Stream the request body to the backend, chunk by chunk; a backend that stops reading
     for ``timeout`` ends the exchange (504)."""
-    while (chunk := await down.read_body()) is not None:
-        if chunk:
-            conn.write(h11.Data(data=chunk))
-            async with asyncio.timeout(timeout):
-                await conn.writer.drain()
     try:
-        conn.write(h11.EndOfMessage(headers=trailers_across(down.request_trailers)))
-    except h11.LocalProtocolError:
-        conn.write(h11.EndOfMessage())  # a Content-Length body cannot carry trailers
+        while (chunk := await down.read_body()) is not None:
+            if chunk:
+                conn.send_data(chunk)
+                async with asyncio.timeout(timeout):
+                    await conn.drain()
+        conn.send_end(trailers_across(down.request_trailers))
+    except BodyLengthMismatch as exc:
+        raise BadRequestBody(400, str(exc)) from exc
     async with asyncio.timeout(timeout):
-        await conn.writer.drain()
+        await conn.drain()
 
 
 async def _response_head(
@@ -277,7 +280,7 @@ async def _response_head(
     upload: asyncio.Task[None] | None,
     down: Downstream,
     timeout: float,
-) -> h11.Response | h11.InformationalResponse:
+) -> ResponseHead:
     """Wait for the backend's final response head, relaying 1xx responses on the way;
     a 101 (the backend accepted an upgrade) is returned as is."""
     informational = 0
@@ -293,39 +296,41 @@ async def _response_head(
             ev = await asyncio.wait_for(head, timeout) if not head.done() else head.result()
         else:
             ev = await conn.next_event(timeout)
-        if isinstance(ev, h11.InformationalResponse):
-            if ev.status_code == 101:
-                return ev
-            informational += 1
-            if informational > MAX_INFORMATIONAL:
-                raise h11.RemoteProtocolError(f"more than {MAX_INFORMATIONAL} 1xx responses")
-            await down.send_informational(ev.status_code, list(ev.headers))
-            continue
-        assert isinstance(ev, h11.Response)
-        return ev
+        if not isinstance(ev, ResponseHead):
+            raise WireError(502, f"{type(ev).__name__} before a response head")
+        if ev.status == 101 or ev.status >= 200:
+            return ev
+        informational += 1
+        if informational > MAX_INFORMATIONAL:
+            raise WireError(502, f"more than {MAX_INFORMATIONAL} 1xx responses")
+        await down.send_informational(ev.status, list(ev.headers))
 
 
 async def _relay_response(
     conn: BackendConnection,
-    response: h11.Response,
+    response: ResponseHead,
     upload: asyncio.Task[None] | None,
     down: Downstream,
     route: RouteSettings,
 ) -> Outcome:
     headers = response_headers_for_client(response.headers)
     headers.extend(route.response_headers)
-    status_class = f"{response.status_code // 100}xx"
+    status_class = f"{response.status // 100}xx"
     route.metrics.requests_total.labels(route.listener, status_class).inc()
     try:
-        await down.send_head(response.status_code, headers, response.reason)
+        await down.send_head(response.status, headers, response.reason)
         while True:
             ev = await conn.next_event(route.request_timeout)
-            if isinstance(ev, h11.Data):
-                await down.send_data(bytes(ev.data))
-            elif isinstance(ev, h11.EndOfMessage):
-                await down.end(trailers_across(ev.headers))
+            if isinstance(ev, Data):
+                await down.send_data(ev.data)
+            elif isinstance(ev, End):
+                await down.end(trailers_across(ev.trailers))
                 break
-    except (TimeoutError, BackendClosed, ConnectionError, h11.ProtocolError) as exc:
+            elif isinstance(ev, Switched):
+                raise WireError(502, "the backend switched protocols unasked")
+            else:
+                raise WireError(502, "a second response head")
+    except (TimeoutError, BackendClosed, ConnectionError, WireError) as exc:
         route.metrics.upstream_errors_total.labels(route.group.id, "broken_response").inc()
         event(
             logging.WARNING,

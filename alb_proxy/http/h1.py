@@ -1,13 +1,17 @@
 """HTTP/1.1 front end: one client connection, its requests forwarded to a server group.
 
-h11 keeps the protocol state of the client connection; this module reads its events, checks
-what h11 accepts but a proxy must not, and offers the exchange to ``forward`` as a
-:class:`~alb_proxy.http.forward.Downstream`. Every write is followed by a drain, so a slow
-reader on either side slows the other instead of filling memory.
+``h1wire`` parses the client's bytes into events (llhttp: strict framing, limits, refusals with
+their status); this module reads them from a :class:`~alb_proxy.http.stream.Stream`, offers each
+exchange to ``forward`` as a :class:`~alb_proxy.http.forward.Downstream`, and frames the answer
+for this client: the backend's ``Content-Length`` when it gave one, else chunked for HTTP/1.1,
+else the end of the connection (HTTP/1.0). Nothing is written for HEAD, 1xx, 204 and 304 bodies.
 
-Refused here, before anything reaches a backend: a request with both Content-Length and
-Transfer-Encoding (a smuggling vector when the backend frames it differently) and a request head
-over 64 KiB (h11 bounds only a head still incomplete in its buffer).
+Refused here, before anything reaches a backend: malformed framing and heads (400), a head over
+the listener's limit (431), transfer codings other than chunked and unknown methods (501),
+CONNECT (405). Small pieces of one answer written in the same loop iteration (head, body, end)
+leave in one write: one TLS record, one syscall; a streaming body leaves as it comes, and a
+writer waits (``drain``) while the client does not read, so a slow reader slows the backend
+instead of filling memory.
 """
 
 from __future__ import annotations
@@ -19,8 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
-import h11
-
+from alb_proxy.http import h1wire
 from alb_proxy.http.fields import error_response
 from alb_proxy.http.forward import (
     BadRequestBody,
@@ -29,13 +32,22 @@ from alb_proxy.http.forward import (
     RouteSettings,
     forward,
 )
+from alb_proxy.http.h1wire import (
+    BodyKind,
+    Data,
+    End,
+    RequestHead,
+    RequestReader,
+    Switched,
+    WireError,
+)
 from alb_proxy.http.headers import response_headers_for_client
+from alb_proxy.http.stream import Stream
 from alb_proxy.observability.log import event
 from alb_proxy.upstream.connection import BackendConnection
 
-_READ_SIZE = 256 * 1024
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 _COALESCE_LIMIT = 64 * 1024
+Header = tuple[bytes, bytes]
 
 
 @dataclass
@@ -48,24 +60,34 @@ class ConnectionControl:
     """Set by sessions that close themselves on a drain (HTTP/2: GOAWAY once streams end)."""
 
 
+class _Framing:
+    NONE = 0
+    LENGTH = 1
+    CHUNKED = 2
+    UNTIL_CLOSE = 3
+
+
 class H1Session:
     def __init__(
         self,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
+        stream: Stream,
         route: RouteSettings,
         control: ConnectionControl,
         client_cert_headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> None:
-        self.reader = reader
-        self.writer = writer
+        self.stream = stream
         self.route = route
         self.control = control
         self.client_cert_headers = client_cert_headers
-        self.h11 = h11.Connection(h11.SERVER, max_incomplete_event_size=route.max_header_bytes)
-        peer = writer.get_extra_info("peername")
+        self.reader = RequestReader(route.max_header_bytes)
+        peer = stream.extra("peername")
         self.client_ip: str = peer[0] if peer else "-"
-        self.request_trailers: list[tuple[bytes, bytes]] = []
+        self.request_trailers: list[Header] = []
+        self._request: RequestHead | None = None
+        self._request_done = False
+        self._head_sent = False
+        self._framing = _Framing.NONE
+        self._keep_alive = False
         self._out: list[bytes] = []
         self._out_size = 0
         self._flush_scheduled = False
@@ -73,66 +95,59 @@ class H1Session:
     async def run(self) -> None:
         try:
             while await self._one_exchange():
-                self.h11.start_next_cycle()
+                pass
         except ClientGone:
             pass
         finally:
             self._flush_out()
-            self.writer.close()
+            self.stream.close()
 
     async def _one_exchange(self) -> bool:
         """Serve one request; True when the connection can carry another."""
-        self.control.busy = False
+        self.control.busy = self.reader.pending  # a pipelined request is under way already
         self.request_trailers = []
         if self.control.draining:
             return False
+        loop = asyncio.get_running_loop()
+        # One deadline for the whole head: a client trickling a byte at a time cannot hold the
+        # connection past the idle timeout.
+        deadline = loop.time() + self.route.idle_timeout
         try:
-            # One deadline for the whole head: a client trickling a byte at a time cannot
-            # hold the connection past the idle timeout.
-            async with asyncio.timeout(self.route.idle_timeout):
-                request = await self._next_event(None)
+            head = await self._next_event(deadline)
         except TimeoutError:
             return False
-        except h11.RemoteProtocolError as exc:
-            await self._refuse(exc.error_status_hint, str(exc))
+        except WireError as exc:
+            await self._refuse(exc.status, exc.detail)
             return False
-        if not isinstance(request, h11.Request):
-            return False  # ConnectionClosed: the client is done
+        if head is None:
+            return False  # the client is done
+        if not isinstance(head, RequestHead):
+            return False
+        self._request, self._request_done = head, False
+        self._head_sent, self._keep_alive = False, False
         self.control.busy = True
-        keep_alive = await self._forward(request)
-        return (
-            keep_alive
-            and self.h11.our_state is h11.DONE
-            and self.h11.their_state is h11.DONE
-            and not self.control.draining
-        )
+        if head.body is BodyKind.NONE:
+            await self._expect_end()
+        keep_alive = await self._forward(head)
+        return keep_alive and self._keep_alive and self._request_done and not self.control.draining
 
-    async def _forward(self, request: h11.Request) -> bool:
-        head_size = len(request.target) + sum(len(n) + len(v) + 4 for n, v in request.headers)
-        if head_size > self.route.max_header_bytes:
-            await self._refuse(431, f"request head of {head_size} bytes")
-            return False
-        if request.method == b"CONNECT":
-            await self._refuse(405, "CONNECT is not proxied")  # a reverse proxy, not a tunnel
-            return False
-        framing = {name for name, _ in request.headers if name in _FRAMING}
-        if len(framing) == 2:
-            await self._refuse(400, "Content-Length and Transfer-Encoding both present")
-            return False
-        has_body = bool(framing) and not _zero_length(request.headers)
-        if not has_body and not isinstance(self.h11.next_event(), h11.EndOfMessage):
-            # h11 has the (empty) end of a body-less request ready without more bytes.
-            await self._refuse(400, "unexpected request body framing")
-            return False
+    async def _expect_end(self) -> None:
+        """A body-less request: its end is parsed with its head."""
+        ev = self.reader.next_event()
+        if not isinstance(ev, End):  # pragma: no cover - llhttp always ends it at once
+            raise ClientGone()
+        self._request_done = True
+
+    async def _forward(self, request: RequestHead) -> bool:
         outcome = await forward(
             ForwardRequest(
                 method=request.method,
                 target=request.target,
                 headers=request.headers,
-                has_body=has_body,
+                has_body=request.body is not BodyKind.NONE,
                 client_ip=self.client_ip,
                 client_cert_headers=self.client_cert_headers,
-                upgrade=_upgrade_requested(request.headers),
+                upgrade=b"websocket" if request.websocket else None,
             ),
             self,
             self.route,
@@ -144,6 +159,15 @@ class H1Session:
                 if outcome.backend_index is not None:
                     self.route.group.finished(outcome.backend_index)
             return False
+        if request.websocket:
+            # The backend did not switch: what follows the head is HTTP/1.1 again.
+            ev = self.reader.next_event()
+            if isinstance(ev, Switched):
+                try:
+                    self.reader.resume()
+                except WireError as exc:
+                    await self._refuse(exc.status, exc.detail)
+                    return False
         return outcome.reusable
 
     async def _refuse(self, status: int, detail: str) -> None:
@@ -152,63 +176,85 @@ class H1Session:
 
     # -- reading the client -------------------------------------------------------------------
 
-    async def _next_event(self, timeout: float | None) -> h11.Event:
+    async def _next_event(self, deadline: float | None) -> h1wire.Event | None:
+        """The client's next event; None when it closed between requests. Raises WireError,
+        TimeoutError, ClientGone."""
+        reader = self.reader
         while True:
-            ev = self.h11.next_event()
-            if ev is h11.NEED_DATA:
-                try:
-                    async with asyncio.timeout(timeout):
-                        data = await self.reader.read(_READ_SIZE)
-                except ConnectionError as exc:
-                    raise ClientGone() from exc
-                if data:
-                    self.control.busy = True  # a request has begun: a drain lets it finish
-                elif self.control.draining or self.writer.is_closing():
-                    raise ClientGone()  # closed by us (drain), not by the client
-                self.h11.receive_data(data)
-                continue
-            if ev is h11.PAUSED:
-                return h11.ConnectionClosed()
-            assert isinstance(ev, h11.Event)
-            return ev
+            ev = reader.next_event()
+            if ev is not None:
+                return ev
+            timeout = None
+            if deadline is not None:
+                timeout = deadline - asyncio.get_running_loop().time()
+                if timeout <= 0:
+                    raise TimeoutError()
+            try:
+                data = await self.stream.read(timeout)
+            except ConnectionError as exc:
+                raise ClientGone() from exc
+            if not data:
+                if self._request is not None and not self._request_done:
+                    raise ClientGone()  # left mid-request
+                if self.control.busy:
+                    raise ClientGone()  # left mid-head
+                return None
+            self.control.busy = True  # a request has begun: a drain lets it finish
+            reader.feed(data)
 
     # -- Downstream: what forward() answers through ---------------------------------------
 
     async def read_body(self) -> bytes | None:
+        loop = asyncio.get_running_loop()
         try:
-            ev = await self._next_event(self.route.idle_timeout)
+            ev = await self._next_event(loop.time() + self.route.idle_timeout)
         except TimeoutError as exc:
             raise ClientGone() from exc  # stalled mid-body: give up on this client
-        except h11.RemoteProtocolError as exc:
-            if self.reader.at_eof():
+        except WireError as exc:
+            if self.stream.at_eof:
                 raise ClientGone() from exc  # the client left mid-body: nobody to answer
-            raise BadRequestBody(exc.error_status_hint, str(exc)) from exc
-        if isinstance(ev, h11.Data):
-            return bytes(ev.data)
-        if isinstance(ev, h11.EndOfMessage):
-            self.request_trailers = list(ev.headers)
+            raise BadRequestBody(exc.status, exc.detail) from exc
+        if isinstance(ev, Data):
+            return ev.data
+        if isinstance(ev, End):
+            self.request_trailers = ev.trailers
+            self._request_done = True
             return None
         raise ClientGone()
 
-    async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+    async def send_informational(self, status: int, headers: list[Header]) -> None:
+        request = self._request
+        if request is None or not request.http11:
+            return  # HTTP/1.0 clients know no 1xx
         self._write(
-            h11.InformationalResponse(
-                status_code=status,
-                headers=response_headers_for_client(headers),
-                reason=_phrase(status).encode(),
-            )
+            h1wire.response_head(status, _phrase(status), response_headers_for_client(headers))
         )
         await self._drain()
 
-    async def send_head(
-        self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes
-    ) -> None:
-        if self.control.draining:
+    async def send_head(self, status: int, headers: list[Header], reason: bytes) -> None:
+        request = self._request
+        assert request is not None
+        keep_alive = request.keep_alive and request.http11 and not self.control.draining
+        if request.method == b"HEAD" or status < 200 or status in (204, 304):
+            framing = _Framing.NONE
+        elif any(name == b"content-length" for name, _ in headers):
+            framing = _Framing.LENGTH
+        elif request.http11:
+            framing = _Framing.CHUNKED
+            headers = [*headers, (b"transfer-encoding", b"chunked")]
+        else:
+            framing, keep_alive = _Framing.UNTIL_CLOSE, False
+        if not keep_alive:
             headers = [*headers, (b"connection", b"close")]
-        self._write(h11.Response(status_code=status, headers=headers, reason=reason))
+        self._framing, self._keep_alive = framing, keep_alive
+        self._head_sent = True
+        self._write(h1wire.response_head(status, reason or _phrase(status), headers))
 
     async def send_data(self, data: bytes) -> None:
-        self._write(h11.Data(data=data))
+        framing = self._framing
+        if framing == _Framing.NONE or not data:
+            return
+        self._write(h1wire.chunk(data) if framing == _Framing.CHUNKED else data)
         if self._out_size >= _COALESCE_LIMIT:
             await self._drain()
         elif not self._flush_scheduled:
@@ -217,21 +263,18 @@ class H1Session:
             self._flush_scheduled = True
             asyncio.get_running_loop().call_soon(self._flush_out)
 
-    async def end(self, trailers: list[tuple[bytes, bytes]]) -> None:
-        try:
-            self._write(h11.EndOfMessage(headers=trailers))
-        except h11.LocalProtocolError:
-            self._write(h11.EndOfMessage())  # not chunked (HTTP/1.0 client): no trailers
+    async def end(self, trailers: list[Header]) -> None:
+        if self._framing == _Framing.CHUNKED:
+            self._write(h1wire.last_chunk(trailers))
         await self._drain()
 
     async def send_error(self, status: int, detail: str) -> None:
         """Answer with a short text error and mark the connection for closing."""
-        if self.writer.is_closing():
+        if self.stream.closing:
             raise ClientGone()
-        if self.h11.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+        if self._head_sent:
             self.abort()
             raise ClientGone()
-        phrase = _phrase(status)
         headers, body = error_response(status)
         headers.append((b"connection", b"close"))
         if status >= 500 or status in (400, 431):
@@ -243,66 +286,63 @@ class H1Session:
                 status=status,
                 detail=detail,
             )
-        try:
-            self._write(h11.Response(status_code=status, headers=headers, reason=phrase.encode()))
-            self._write(h11.Data(data=body))
-            self._write(h11.EndOfMessage())
-        except h11.LocalProtocolError as exc:
-            raise ClientGone() from exc
+        self._keep_alive = False
+        self._head_sent = True
+        self._write(h1wire.response_head(status, _phrase(status), headers) + body)
         await self._drain()
 
     def abort(self) -> None:
-        self.writer.transport.abort()
+        self.stream.abort()
 
-    def _write(self, ev: h11.Event) -> None:
-        data = self.h11.send(ev)
-        if data:
-            self._out.append(data)
-            self._out_size += len(data)
+    def _write(self, data: bytes) -> None:
+        self._out.append(data)
+        self._out_size += len(data)
 
     def _flush_out(self) -> None:
         self._flush_scheduled = False
         if self._out:
             out, self._out, self._out_size = self._out, [], 0
-            if not self.writer.is_closing():
-                self.writer.write(out[0] if len(out) == 1 else b"".join(out))
+            self.stream.write(out[0] if len(out) == 1 else b"".join(out))
 
     async def _drain(self) -> None:
         self._flush_out()
         try:
-            await self.writer.drain()
+            await self.stream.drain()
         except ConnectionError as exc:
             raise ClientGone() from exc
 
     # -- upgrades -------------------------------------------------------------------------------
 
-    async def _tunnel(self, conn: BackendConnection, switch: h11.InformationalResponse) -> None:
+    async def _tunnel(self, conn: BackendConnection, switch: h1wire.ResponseHead) -> None:
         """The backend switched protocols (WebSocket): relay bytes both ways until either
         side closes or both are idle for the listener's idle timeout. Never pooled after."""
         route = self.route
         upgrade = dict(switch.headers).get(b"upgrade", b"websocket")
-        headers = response_headers_for_client(switch.headers)
-        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        if self._request is None or not self._request.websocket:
+            conn.close()
+            await self.send_error(502, "backend switched protocols unasked")
+            return
         if upgrade.strip().lower() != b"websocket":
             conn.close()  # only WebSocket was asked for
             await self.send_error(502, f"backend switched to {upgrade!r}, not websocket")
             return
-        try:
-            self._write(
-                h11.InformationalResponse(status_code=101, headers=headers, reason=switch.reason)
-            )
-        except h11.LocalProtocolError:
-            conn.close()  # the client never asked for this upgrade
-            await self.send_error(502, "backend switched protocols unasked")
-            return
+        headers = response_headers_for_client(switch.headers)
+        headers += [(b"connection", b"upgrade"), (b"upgrade", upgrade)]
+        self._write(h1wire.response_head(101, switch.reason or b"Switching Protocols", headers))
         self._flush_out()
-        self.writer.write(conn.h11.trailing_data[0])
-        conn.writer.write(self.h11.trailing_data[0])
+        backend_rest = conn.reader.next_event()
+        if isinstance(backend_rest, Switched) and backend_rest.rest:
+            self.stream.write(backend_rest.rest)
+        client_rest = self.reader.next_event()
+        while client_rest is not None and not isinstance(client_rest, Switched):
+            client_rest = self.reader.next_event()
+        if client_rest is not None and client_rest.rest:
+            conn.stream.write(client_rest.rest)
         route.metrics.tunnels_active.labels(route.listener).inc()
         try:
             await asyncio.gather(
-                _pump(self.reader, conn.writer, route.idle_timeout),
-                _pump(conn.reader, self.writer, route.idle_timeout),
+                _pump(self.stream, conn.stream, route.idle_timeout),
+                _pump(conn.stream, self.stream, route.idle_timeout),
             )
         except (ConnectionError, TimeoutError):
             pass
@@ -311,39 +351,22 @@ class H1Session:
             conn.close()
 
 
-async def _pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, idle: float) -> None:
+async def _pump(source: Stream, sink: Stream, idle: float) -> None:
     """Copy one direction of a tunnel; at EOF pass the half-close on, or close."""
     try:
-        while True:
-            async with asyncio.timeout(idle):
-                data = await reader.read(_READ_SIZE)
-            if not data:
-                break
-            writer.write(data)
-            await writer.drain()
+        while data := await source.read(idle):
+            sink.write(data)
+            await sink.drain()
     finally:
-        if writer.can_write_eof() and not writer.is_closing():
+        if sink.can_write_eof() and not sink.closing:
             with contextlib.suppress(OSError):
-                writer.write_eof()
+                sink.write_eof()
         else:
-            writer.close()
+            sink.close()
 
 
-def _upgrade_requested(headers: Sequence[tuple[bytes, bytes]]) -> bytes | None:
-    """``websocket`` when the client asks to switch to it. Other upgrades (``h2c``, ...) are
-    not tunnelled: their Upgrade header is dropped as hop-by-hop and the request forwarded
-    as a plain one, so no backend can switch a client out of the proxy's view (h2c smuggling).
-    """
-    tokens = {t.strip().lower() for n, v in headers if n == b"connection" for t in v.split(b",")}
-    if b"upgrade" not in tokens:
-        return None
-    offered = {t.strip().lower() for n, v in headers if n == b"upgrade" for t in v.split(b",")}
-    return b"websocket" if b"websocket" in offered else None
-
-
-def _zero_length(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    return any(name == b"content-length" and value.strip() == b"0" for name, value in headers)
-
-
-def _phrase(status: int) -> str:
-    return HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""
+def _phrase(status: int) -> bytes:
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""

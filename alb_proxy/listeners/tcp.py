@@ -11,12 +11,15 @@ import asyncio
 import functools
 import logging
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h1 import ConnectionControl, H1Session
 from alb_proxy.http.h2 import H2Session
+from alb_proxy.http.stream import Stream
 from alb_proxy.listeners.sockets import BACKLOG, Address
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
@@ -25,7 +28,7 @@ from alb_proxy.tls.connection import HandshakeFailure, TlsServerProtocol
 from alb_proxy.tls.contexts import ListenerTls
 
 _STREAM_LIMIT = 256 * 1024
-_Session = tuple[ConnectionControl, asyncio.StreamWriter]
+_Session = tuple[ConnectionControl, "_Closable"]
 
 
 @dataclass(frozen=True)
@@ -70,19 +73,21 @@ class TcpListener:
         control = ConnectionControl()
         self.metrics.connections_total.labels(plan.name).inc()
 
-        def register(writer: asyncio.StreamWriter) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            self._sessions[task] = (control, writer)
+        def register(task: asyncio.Task[None], closable: _Closable) -> None:
+            self._sessions[task] = (control, closable)
             task.add_done_callback(self._forget)
 
-        app = _SessionProtocol(plan, control, self.metrics, register)
+        def app(alpn: str | None) -> asyncio.Protocol:
+            if alpn == "h2":
+                return _H2Protocol(plan, control, self.metrics, register)
+            return _H1Protocol(plan, control, self.metrics, register)
+
         if plan.tls is None:
-            return app
+            return app(None)
         tls = plan.tls
         return TlsServerProtocol(
             select_context=tls.select,
-            app_factory=lambda: app,
+            app_factory=app,
             on_failure=lambda failure: self._handshake_failed(plan, failure),
             handshake_timeout=plan.handshake_timeout,
         )
@@ -135,53 +140,86 @@ class TcpListener:
             await asyncio.wait(pending, timeout=5.0)
 
 
-class _SessionProtocol(asyncio.StreamReaderProtocol):
-    """Runs an :class:`H1Session` once the (TLS) connection is established."""
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+    @property
+    def transport(self) -> Any: ...
+
+
+Register = Callable[[asyncio.Task[None], _Closable], None]
+
+
+def _tls_facts(
+    plan: ListenerPlan, metrics: Metrics, sslobj: ssl.SSLObject | None
+) -> list[tuple[bytes, bytes]]:
+    """Count the handshake; the client-certificate headers, computed once per connection
+    (the dict form of getpeercert() can be empty: read the DER)."""
+    if sslobj is None:
+        return []
+    metrics.handshakes_total.labels(plan.name, sslobj.version() or "-").inc()
+    if plan.client_cert_headers:
+        der = sslobj.getpeercert(binary_form=True)
+        if der is not None:
+            return client_cert_headers(der, plan.client_cert_headers)
+    return []
+
+
+async def _run(
+    plan: ListenerPlan, metrics: Metrics, session: H1Session | H2Session, abort: Callable[[], None]
+) -> None:
+    active = metrics.connections_active.labels(plan.name)
+    active.inc()
+    try:
+        await session.run()
+    except Exception as exc:  # one broken connection must never take the listener down
+        event(logging.ERROR, "connection error", listener=plan.name, error=repr(exc))
+        abort()
+    finally:
+        active.dec()
+
+
+class _H1Protocol(Stream):
+    """Runs an :class:`H1Session` on the (TLS) connection once it is established."""
 
     def __init__(
-        self,
-        plan: ListenerPlan,
-        control: ConnectionControl,
-        metrics: Metrics,
-        register: Callable[[asyncio.StreamWriter], None],
+        self, plan: ListenerPlan, control: ConnectionControl, metrics: Metrics, register: Register
     ) -> None:
-        self._plan = plan
-        self._control = control
-        self._metrics = metrics
-        self._register = register
+        super().__init__()
+        self._plan, self._control, self._metrics, self._register = plan, control, metrics, register
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        plan = self._plan
+        cert_headers = _tls_facts(plan, self._metrics, transport.get_extra_info("ssl_object"))
+        session = H1Session(self, plan.route, self._control, cert_headers)
+        task = asyncio.ensure_future(_run(plan, self._metrics, session, self.abort))
+        self._register(task, self)
+
+
+class _H2Protocol(asyncio.StreamReaderProtocol):
+    """Runs an :class:`H2Session` (ALPN ``h2``) on the TLS connection."""
+
+    def __init__(
+        self, plan: ListenerPlan, control: ConnectionControl, metrics: Metrics, register: Register
+    ) -> None:
+        self._plan, self._control, self._metrics, self._register = plan, control, metrics, register
         super().__init__(asyncio.StreamReader(limit=_STREAM_LIMIT), self._serve)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         plan = self._plan
-        self._register(writer)
-        sslobj = writer.get_extra_info("ssl_object")
-        cert_headers: list[tuple[bytes, bytes]] = []
-        if sslobj is not None:
-            self._metrics.handshakes_total.labels(plan.name, sslobj.version() or "-").inc()
-            if plan.client_cert_headers:
-                # Computed once per connection; the dict form of getpeercert() can be empty.
-                der = sslobj.getpeercert(binary_form=True)
-                if der is not None:
-                    cert_headers = client_cert_headers(der, plan.client_cert_headers)
-        active = self._metrics.connections_active.labels(plan.name)
-        active.inc()
-        session: H1Session | H2Session
-        if sslobj is not None and sslobj.selected_alpn_protocol() == "h2" and plan.tls:
-            sni = writer.get_extra_info("tls_server_name")
-            session = H2Session(
-                reader,
-                writer,
-                plan.route,
-                self._control,
-                cert_headers,
-                authority_ok=functools.partial(plan.tls.authority_ok, sni),
-            )
-        else:
-            session = H1Session(reader, writer, plan.route, self._control, cert_headers)
-        try:
-            await session.run()
-        except Exception as exc:  # one broken connection must never take the listener down
-            event(logging.ERROR, "connection error", listener=plan.name, error=repr(exc))
-            writer.transport.abort()
-        finally:
-            active.dec()
+        task = asyncio.current_task()
+        assert task is not None and plan.tls is not None
+        self._register(task, writer)
+        cert_headers = _tls_facts(plan, self._metrics, writer.get_extra_info("ssl_object"))
+        session = H2Session(
+            reader,
+            writer,
+            plan.route,
+            self._control,
+            cert_headers,
+            authority_ok=functools.partial(
+                plan.tls.authority_ok, writer.get_extra_info("tls_server_name")
+            ),
+        )
+        await _run(plan, self._metrics, session, writer.transport.abort)

@@ -15,10 +15,10 @@ stay with the context the connection started with. So we drive OpenSSL ourselves
    CA store), so choosing one is a dictionary lookup and *every* setting comes from it.
 3. ``ctx.wrap_bio()``, feed the buffered bytes, drive ``do_handshake()``; after every step write
    whatever OpenSSL queued in the outgoing BIO, alerts included, before closing on failure.
-4. Once established, hand an ``asyncio.Transport`` look-alike to the application protocol (plain
-   ``asyncio.StreamReaderProtocol``), so HTTP code is the same over TCP and TLS. Flow control is
-   passed through in both directions: the app pausing reads pauses the socket, the socket's
-   write buffer filling pauses the app's writes.
+4. Once established, hand an ``asyncio.Transport`` look-alike to the application protocol
+   (chosen by the negotiated ALPN protocol), so HTTP code is the same over TCP and TLS. Flow
+   control is passed through in both directions: the app pausing reads pauses the socket, the
+   socket's write buffer filling pauses the app's writes.
 
 The connection keeps the context it started with for its whole life; a runtime change only
 changes which contexts new connections are given.
@@ -75,7 +75,7 @@ class TlsServerProtocol(asyncio.Protocol):
         self,
         *,
         select_context: ContextSelector,
-        app_factory: Callable[[], asyncio.Protocol],
+        app_factory: Callable[[str | None], asyncio.Protocol],
         on_failure: Callable[[HandshakeFailure], None],
         handshake_timeout: float = 10.0,
     ) -> None:
@@ -199,7 +199,7 @@ class TlsServerProtocol(asyncio.Protocol):
         self._flush()
         self._cancel_timer()
         self._state = _State.OPEN
-        self._app = self._app_factory()
+        self._app = self._app_factory(self._sslobj.selected_alpn_protocol())
         self._app.connection_made(self._app_transport)
         self._deliver_app_data()
 

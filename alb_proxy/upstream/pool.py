@@ -1,8 +1,8 @@
 """Keep-alive connections to backend servers, pooled by address.
 
 The pool belongs to the daemon, not to a snapshot, so a config change that keeps a server keeps
-its idle connections. A connection the backend closed while idle is noticed on checkout
-(its reader saw EOF) and dropped, so a client never pays for it.
+its idle connections. A connection the backend closed, or wrote to, while idle is noticed on
+checkout (its parked stream was spoiled) and dropped, so a client never pays for it.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ class ConnectionPool:
             idle = self._idle.get(f"{host}:{port}")
             while idle:
                 conn = idle.pop()  # most recently used first: least likely to have timed out
-                if await conn.unpark():
+                if conn.unpark():
                     return conn, True
                 conn.close()
         return await BackendConnection.open(host, port, connect_timeout), False
