@@ -31,7 +31,6 @@ from alb_proxy.upstream.pool import ConnectionPool
 
 Header = tuple[bytes, bytes]
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"OPTIONS", b"TRACE", b"PUT", b"DELETE"})
-_FRAMING = frozenset({b"content-length", b"transfer-encoding"})
 MAX_CONNECT_ATTEMPTS = 3
 """Servers tried for one request when connecting fails (nothing sent yet, so always safe)."""
 MAX_INFORMATIONAL = 16
@@ -197,7 +196,7 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
 
 
 async def _refuse(down: Downstream, route: RouteSettings, status: int, detail: str) -> None:
-    route.metrics.requests_total.labels(route.listener, f"{status // 100}xx").inc()
+    route.metrics.request_answered(route.listener, status)
     await down.send_error(status, detail)
 
 
@@ -244,18 +243,11 @@ async def _exchange(
     except BaseException:
         await _abandon(conn, upload)
         raise
-    route.metrics.upstream_latency.labels(route.group.id).observe(time.monotonic() - started)
+    route.metrics.upstream_responded(route.group.id, time.monotonic() - started)
     if response.status == 101:
         return Outcome(False, upgraded=(conn, response))
-    framing = {name for name, _ in response.headers if name in _FRAMING}
-    if len(framing) == 2:
-        # Ambiguous framing from the backend: relaying it could desynchronise the client.
-        await _abandon(conn, upload)
-        route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
-        await _refuse(
-            down, route, 502, f"{conn.address} sent both Content-Length and Transfer-Encoding"
-        )
-        return Outcome(False)
+    # Ambiguous framing (Content-Length with Transfer-Encoding) never gets here: the response
+    # reader refuses it (502), as relaying it could desynchronise the client.
     return await _relay_response(conn, response, upload, down, route)
 
 
@@ -315,8 +307,7 @@ async def _relay_response(
 ) -> Outcome:
     headers = response_headers_for_client(response.headers)
     headers.extend(route.response_headers)
-    status_class = f"{response.status // 100}xx"
-    route.metrics.requests_total.labels(route.listener, status_class).inc()
+    route.metrics.request_answered(route.listener, response.status)
     try:
         await down.send_head(response.status, headers, response.reason)
         while True:

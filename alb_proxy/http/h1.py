@@ -171,7 +171,7 @@ class H1Session:
         return outcome.reusable
 
     async def _refuse(self, status: int, detail: str) -> None:
-        self.route.metrics.requests_total.labels(self.route.listener, f"{status // 100}xx").inc()
+        self.route.metrics.request_answered(self.route.listener, status)
         await self.send_error(status, detail)
 
     # -- reading the client -------------------------------------------------------------------

@@ -22,7 +22,8 @@ What llhttp leaves to its caller is done here, once:
 - **Bytes past a response** (a backend answering more than it was asked) are never parsed as
   the next response: they mark the reader spoiled, and the connection is not reused.
 
-Events are small frozen dataclasses compared by value; header names are lowercased, order kept.
+Events are named tuples (immutable, compared by value, and cheap to make: two per message on
+the hot path); header names are lowercased, order kept.
 Serialising is plain bytes formatting: whatever goes out was parsed (and so validated) on the
 way in, by llhttp, h2 or aioquic, or set by the proxy itself.
 """
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import enum
 from collections import deque
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import httptools
 
@@ -45,8 +46,7 @@ class BodyKind(enum.Enum):
     UNTIL_CLOSE = "until_close"
 
 
-@dataclass(frozen=True, slots=True)
-class RequestHead:
+class RequestHead(NamedTuple):
     method: bytes
     target: bytes
     headers: list[Header]
@@ -59,8 +59,7 @@ class RequestHead:
     """The client asks to switch to WebSocket (``Connection: upgrade``, ``Upgrade: websocket``)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ResponseHead:
+class ResponseHead(NamedTuple):
     status: int
     reason: bytes
     headers: list[Header]
@@ -68,18 +67,15 @@ class ResponseHead:
     body: BodyKind
 
 
-@dataclass(frozen=True, slots=True)
-class Data:
+class Data(NamedTuple):
     data: bytes
 
 
-@dataclass(frozen=True, slots=True)
-class End:
-    trailers: list[Header] = field(default_factory=list)
+class End(NamedTuple):
+    trailers: list[Header] = []  # noqa: RUF012 - never mutated: events are values
 
 
-@dataclass(frozen=True, slots=True)
-class Switched:
+class Switched(NamedTuple):
     """The message before was an upgrade: ``rest`` (and all that follows) is not HTTP/1.1."""
 
     rest: bytes

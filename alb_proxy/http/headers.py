@@ -93,12 +93,11 @@ def connection_tokens(headers: Sequence[Header]) -> frozenset[bytes]:
 
 def without_hop_by_hop(headers: Sequence[Header]) -> list[Header]:
     """``headers`` minus the fixed hop-by-hop set and the names ``Connection`` lists; order kept."""
+    kept = [(name, value) for name, value in headers if name.lower() not in HOP_BY_HOP]
+    if len(kept) == len(headers):
+        return kept  # no Connection header (it is hop-by-hop itself): nothing else to drop
     named = connection_tokens(headers)
-    return [
-        (name, value)
-        for name, value in headers
-        if (key := name.lower()) not in HOP_BY_HOP and key not in named
-    ]
+    return [(name, value) for name, value in kept if name.lower() not in named] if named else kept
 
 
 def response_headers_for_client(headers: Sequence[Header]) -> list[Header]:

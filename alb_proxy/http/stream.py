@@ -33,6 +33,9 @@ class Stream(asyncio.Protocol):
         self._lost: Exception | None = None
         self._closed = False
         self._waiter: asyncio.Future[None] | None = None
+        self._deadline: float | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
         self._drain_waiter: asyncio.Future[None] | None = None
         self._writing_paused = False
         self._reading_paused = False
@@ -64,6 +67,9 @@ class Stream(asyncio.Protocol):
         return True  # half-closed: we may still answer
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._eof = self._closed = True
         self._lost = exc
         if self.parked:
@@ -81,6 +87,18 @@ class Stream(asyncio.Protocol):
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
+
+    def _deadline_check(self) -> None:
+        self._timer = None
+        waiter, deadline = self._waiter, self._deadline
+        if waiter is None or waiter.done() or deadline is None:
+            return
+        loop = asyncio.get_running_loop()
+        if loop.time() >= deadline:
+            waiter.set_exception(TimeoutError())
+        else:
+            self._timer = loop.call_at(deadline, self._deadline_check)
+            self._timer_at = deadline
 
     def _wake(self) -> None:
         waiter = self._waiter
@@ -107,13 +125,21 @@ class Stream(asyncio.Protocol):
         if not self._chunks and not self._eof:
             loop = asyncio.get_running_loop()
             waiter = self._waiter = loop.create_future()
-            timer = loop.call_later(timeout, _expire, waiter) if timeout is not None else None
+            if timeout is None:
+                self._deadline = None
+            else:
+                # One timer serves many reads: it is re-armed only when it fires early (the
+                # common case is data long before the deadline, and no timer churn per read).
+                deadline = self._deadline = loop.time() + timeout
+                if self._timer is None or self._timer_at > deadline:
+                    if self._timer is not None:
+                        self._timer.cancel()
+                    self._timer = loop.call_at(deadline, self._deadline_check)
+                    self._timer_at = deadline
             try:
                 await waiter
             finally:
                 self._waiter = None
-                if timer is not None:
-                    timer.cancel()
         if self._chunks:
             chunks = self._chunks
             data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
@@ -162,8 +188,3 @@ class Stream(asyncio.Protocol):
 
     def extra(self, name: str, default: Any = None) -> Any:
         return self.transport.get_extra_info(name, default) if self.transport else default
-
-
-def _expire(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError())

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -67,12 +69,29 @@ class Metrics:
             registry=r,
         )
 
+        self._answered: dict[tuple[str, int], Any] = {}
+        self._latency: dict[str, Any] = {}
         self.workers = Gauge(
             "alb_workers", "Worker processes serving the current generation.", registry=r
         )
         self.worker_restarts_total = Counter(
             "alb_worker_restarts", "Worker processes that exited and were replaced.", registry=r
         )
+
+    def request_answered(self, listener: str, status: int) -> None:
+        """Count one answer by status class; the labelled child is looked up once per pair
+        (``labels()`` costs more than the increment, and this runs per request)."""
+        key = (listener, status // 100)
+        child = self._answered.get(key)
+        if child is None:
+            child = self._answered[key] = self.requests_total.labels(listener, f"{key[1]}xx")
+        child.inc()
+
+    def upstream_responded(self, group: str, seconds: float) -> None:
+        child = self._latency.get(group)
+        if child is None:
+            child = self._latency[group] = self.upstream_latency.labels(group)
+        child.observe(seconds)
 
     def accepted(self) -> int:
         """Client connections accepted so far, on every listener."""

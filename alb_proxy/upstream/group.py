@@ -8,7 +8,7 @@ they survive any change that keeps the server.
 from __future__ import annotations
 
 from collections.abc import Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from alb_proxy.upstream.health import HealthRegistry
 from alb_proxy.upstream.schedulers import make_scheduler
@@ -19,10 +19,11 @@ class Backend:
     host: str
     port: int
     weight: int
+    address: str = field(init=False, compare=False)
+    """``host:port``, the key of its health and pool (made once: it is read per request)."""
 
-    @property
-    def address(self) -> str:
-        return f"{self.host}:{self.port}"
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "address", f"{self.host}:{self.port}")
 
 
 class GroupRuntime:
