@@ -94,15 +94,6 @@ class WireError(Exception):
         self.detail = detail
 
 
-def _body_kind(headers: list[Header]) -> BodyKind:
-    for name, value in headers:
-        if name == b"transfer-encoding":
-            return BodyKind.CHUNKED  # llhttp refuses any other last coding
-        if name == b"content-length" and value.strip() != b"0":
-            return BodyKind.LENGTH
-    return BodyKind.NONE
-
-
 def _tokens(headers: list[Header], wanted: bytes) -> set[bytes]:
     return {t.strip().lower() for n, v in headers if n == wanted for t in v.split(b",")}
 
@@ -129,6 +120,8 @@ class _Reader:
         self._raw_head = 0
         """Bytes fed while the head was still incomplete (bounds a head that never ends)."""
         self._error: WireError | None = None
+        self._codings: list[bytes] = []
+        self._length: bytes | None = None
 
     def next_event(self) -> Event | None:
         """The next event, or None when more bytes are needed."""
@@ -146,13 +139,27 @@ class _Reader:
         self._raw_head = 0
         self._headers = []
         self._trailers = []
+        self._codings = []
+        self._length = None
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        name = name.lower()
         if self._in_head:
             self._head_size += len(name) + len(value) + 4
-            self._headers.append((name.lower(), value))
+            self._headers.append((name, value))
+            if name == b"transfer-encoding":
+                self._codings.append(value)
+            elif name == b"content-length":
+                self._length = value  # llhttp refuses two
         else:
-            self._trailers.append((name.lower(), value))
+            self._trailers.append((name, value))
+
+    def _body_kind(self) -> BodyKind:
+        if self._codings:
+            return BodyKind.CHUNKED  # llhttp refuses any other last coding
+        if self._length is not None and self._length.strip() != b"0":
+            return BodyKind.LENGTH
+        return BodyKind.NONE
 
     def on_body(self, body: bytes) -> None:
         self._events.append(Data(body))
@@ -236,10 +243,11 @@ class RequestReader(_Reader):
         self._head_size += len(method) + len(self._url) + 12
         if self._head_too_large():
             return
-        codings = _tokens(headers, b"transfer-encoding")
-        if codings and codings != {b"chunked"}:
-            self._error = WireError(501, f"transfer coding {b', '.join(sorted(codings))!r}")
-            return
+        if self._codings:
+            codings = {t.strip().lower() for v in self._codings for t in v.split(b",")}
+            if codings != {b"chunked"}:
+                self._error = WireError(501, f"transfer coding {b', '.join(sorted(codings))!r}")
+                return
         if method == b"CONNECT":
             self._error = WireError(405, "CONNECT is not proxied")  # a reverse proxy, no tunnel
             return
@@ -255,7 +263,7 @@ class RequestReader(_Reader):
                 headers=headers,
                 http11=parser.get_http_version() == "1.1",
                 keep_alive=parser.should_keep_alive(),
-                body=_body_kind(headers),
+                body=self._body_kind(),
                 websocket=self._websocket,
             )
         )
@@ -335,10 +343,10 @@ class ResponseReader(_Reader):
         self._head_size += len(self._reason) + 15
         if self._head_too_large():
             return
-        body = _body_kind(headers)
+        body = self._body_kind()
         if status < 200 or status in (204, 304) or self._head_request:
             body = BodyKind.NONE
-        elif body is BodyKind.NONE and not any(n == b"content-length" for n, _ in headers):
+        elif body is BodyKind.NONE and self._length is None:
             body = BodyKind.UNTIL_CLOSE
             self._until_close = True
         self._events.append(
