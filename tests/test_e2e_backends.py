@@ -7,6 +7,7 @@ a client trickling its request head, clients leaving mid-upload.
 
 from __future__ import annotations
 
+import json
 import select
 import socket
 import subprocess
@@ -108,6 +109,21 @@ def test_ambiguous_response_framing_is_a_502(proxy: Proxy) -> None:
 def test_http_1_0_clients_are_served(proxy: Proxy) -> None:
     status, body = _get(proxy.port("demo"), "-0")
     assert status == "200" and '"method": "GET"' in body
+
+
+def test_http_1_0_without_host_reaches_the_backend_with_its_address_as_host(
+    proxy: Proxy, demo_backend: Backend
+) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port("demo")), timeout=10) as s:
+        s.sendall(b"GET /old HTTP/1.0\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    head, _, body = reply.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200 ") and b"connection: close" in head.lower()
+    echo = json.loads(body)
+    assert dict(echo["headers"])["host"] == f"127.0.0.1:{demo_backend.port}"
+    assert echo["path"] == "/old"
 
 
 def test_a_trickled_request_head_is_cut_at_the_idle_timeout(proxy: Proxy) -> None:

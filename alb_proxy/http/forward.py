@@ -142,7 +142,9 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
         headers.append((b"transfer-encoding", b"chunked"))
     if request.upgrade is not None:
         headers += [(b"connection", b"upgrade"), (b"upgrade", request.upgrade)]
-    outgoing = (request.method, request.target, headers)
+    # HTTP/1.1 requires Host; an HTTP/1.0 client may have sent none. Like nginx's default,
+    # the backend then gets its own address (filled in per attempt below).
+    needs_host = not any(name == b"host" for name, _ in headers)
     retry_allowed = not request.has_body and request.method in _IDEMPOTENT
     refused: set[int] = set()
     fresh = False
@@ -177,7 +179,16 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
         upgraded = False
         try:
             outcome = await _exchange(
-                conn, outgoing, request.has_body, request.upgrade is not None, down, route
+                conn,
+                (
+                    request.method,
+                    request.target,
+                    [(b"host", backend.address.encode()), *headers] if needs_host else headers,
+                ),
+                request.has_body,
+                request.upgrade is not None,
+                down,
+                route,
             )
             if outcome.upgraded is not None:
                 upgraded, outcome.backend_index = True, index  # the tunnel ends it
