@@ -1,11 +1,12 @@
 """What headers a backend and a client see when the proxy forwards: pure functions on header lists.
 
-Headers are ``list[tuple[bytes, bytes]]`` as h11 and h2 give them (names lowercase, order kept).
+Headers are ``list[tuple[bytes, bytes]]`` as the front ends give them (names lowercase, order
+kept).
 Names are still compared lowercased here, so a caller holding raw-cased names gets the same rules.
 
 Hop-by-hop headers describe one connection, not the message, so they never cross the proxy
 (RFC 9110 §7.6.1): the fixed set below plus every name a ``Connection`` header lists. Framing is
-redone by the sending side (h11 chooses Content-Length or chunked), which is why
+redone by the sending side (Content-Length or chunked, chosen per hop), which is why
 ``transfer-encoding`` goes and ``content-length`` stays.
 
 A client may list any name in ``Connection`` to make a proxy drop it. Two names are exempt:
