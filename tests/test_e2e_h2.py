@@ -5,14 +5,20 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import ssl
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import h2.errors
 import pytest
 from conftest import Pki
 from h2client import H2Client
-from harness import Backend, Proxy, start_proxy
+from harness import Backend, Proxy, RecordingBackend, start_proxy
+
+from alb_proxy.http.h2 import MAX_CONCURRENT_STREAMS, RESET_BURST
 
 
 @pytest.fixture(scope="module")
@@ -196,3 +202,111 @@ def test_drain_finishes_streams_in_flight_then_sends_goaway(
     assert client.goaway
     client.close()
     assert p.stop() == 0
+
+
+def test_request_fields_http11_cannot_carry_get_400_not_a_reset(proxy: Proxy) -> None:
+    logged = len(proxy.log)
+    client = H2Client(proxy.port("h"), "default.example.test")
+    space = client.request("/a b", "default.example.test")
+    name = client.request("/", "default.example.test", headers=[(b"x(a)", b"1")])
+    value = client.request("/", "default.example.test", headers=[(b"x-a", b"1\x0b2")])
+    fine = client.request("/fine", "default.example.test")
+    client.wait()
+    streams = [client.streams[s] for s in (space, name, value, fine)]
+    assert [(s.status, s.reset) for s in streams] == [(400, False)] * 3 + [(200, False)]
+    assert bytes(streams[0].body) == b"400 Bad Request\n"
+    client.close()
+    assert " ERROR " not in proxy.log[logged:]
+
+
+@pytest.mark.parametrize("frames", ["PING", "SETTINGS"])
+def test_control_frame_flood_is_told_to_calm_down(proxy: Proxy, frames: str) -> None:
+    """CVE-2019-9512: every PING or SETTINGS frame makes the server queue an ACK."""
+    rss_before = proxy.rss_kib()
+    attacker = H2Client(proxy.port("h"), "default.example.test")
+    if frames == "PING":
+        attacker.ping_flood(20_000)
+    else:
+        attacker.settings_flood(20_000)
+    started = time.monotonic()
+    client = H2Client(proxy.port("h"), "default.example.test")
+    ok = client.request("/", "default.example.test")
+    client.wait(ok)
+    assert client.streams[ok].status == 200
+    assert time.monotonic() - started < 2
+    client.close()
+    attacker.read_until_goaway()
+    assert attacker.goaway_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+    attacker.close()
+    assert proxy.rss_kib() - rss_before < 16 * 1024
+    assert "client over its limits" in proxy.log
+
+
+def test_rapid_reset_is_told_to_calm_down_and_spares_other_connections(
+    pki: Pki, tmp_path: Path
+) -> None:
+    """CVE-2023-44487: streams opened and at once reset, in bursts, from connection after
+    connection for two seconds, while another connection keeps asking for a page."""
+    backend = RecordingBackend()
+    config = {
+        "instance": {"name": "h2"},
+        "certificates": [pki.default.entry("c-default")],
+        "server_groups": [{"id": "sg", "servers": [{"host": "127.0.0.1", "port": backend.port}]}],
+        "listeners": [
+            {
+                "name": "h",
+                "protocol": "HTTPS",
+                "port": 4443,
+                "bind": "127.0.0.1",
+                "idle_timeout_s": 5,
+                "certificates": {"default": "c-default"},
+                "default_action": {"forward": "sg"},
+            }
+        ],
+    }
+    p = start_proxy(tmp_path, config)
+    port = p.port("h")
+    answers: list[tuple[int, float]] = []
+    attack_over = threading.Event()
+
+    def probe() -> None:
+        client = H2Client(port, "default.example.test")
+        while not attack_over.is_set():
+            started = time.monotonic()
+            stream_id = client.request("/probe", "default.example.test")
+            client.wait(stream_id)
+            answers.append((client.streams[stream_id].status, time.monotonic() - started))
+        client.close()
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    connections = 0
+    deadline = time.monotonic() + 2
+    try:
+        while time.monotonic() < deadline:
+            attacker = H2Client(port, "default.example.test")
+            connections += 1
+            try:
+                for _ in range(50):  # 5,000 streams, 25 times the budget
+                    attacker.rapid_reset(100, "/rr", "default.example.test")
+                    attacker.read_ready()
+                    if attacker.goaway or attacker.closed:
+                        break
+            except (ConnectionError, ssl.SSLError):
+                pass
+            attacker.read_until_goaway()
+            assert attacker.goaway_code == h2.errors.ErrorCodes.ENHANCE_YOUR_CALM
+            attacker.close()
+    finally:
+        attack_over.set()
+        prober.join()
+        stopped = p.stop()
+        backend.close()
+    assert stopped == 0
+    assert len(answers) >= 5 and {status for status, _ in answers} == {200}, answers[:10]
+    slowest = max(latency for _, latency in answers)
+    assert slowest < 2, f"{len(answers)} answers, the slowest in {slowest:.1f} s"
+    assert backend.received.count(b"GET /rr ") <= connections * (
+        RESET_BURST + MAX_CONCURRENT_STREAMS
+    )
+    assert "too many streams reset" in p.log

@@ -3,10 +3,19 @@
 Pure, and shared by both adapters so they cannot drift: ``:authority`` becomes ``Host``, the
 header section is bounded like an HTTP/1.1 head, and CONNECT (a tunnel, not a request) is
 refused.
+
+The request goes to the backend as HTTP/1.1 text, written as it is given, so every field must be
+something an HTTP/1.1 request line or header may carry. HTTP/2 and HTTP/3 framing lets a client
+send what HTTP/1.1 syntax cannot (a space in ``:path`` would make the backend read the rest as
+the protocol version; a comma in a header name, a vertical tab in a value, a ``:path`` that is
+not a path at all); the h2 library and aioquic check only part of it (RFC 9113 §8.2.1 rules out
+NUL, CR and LF, nothing more). Whatever the HTTP/1.1 front end refuses as a bad request line or
+header gets the same 400 here, before anything is sent upstream.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -15,6 +24,17 @@ from alb_proxy.http.forward import ForwardRequest, Header
 
 _PER_FIELD_OVERHEAD = 32
 """Counted per field as HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE counts it (RFC 9113 §6.5.2)."""
+
+# The HTTP/1.1 grammar (RFC 9110 §5.1, §5.5, RFC 9112 §3.2), with h11's reading of it.
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+")
+_FIELD_VALUE = re.compile(rb"(?:[^\x00\s]+(?:[ \t]+[^\x00\s]+)*)?")
+"""Visible bytes and obs-text, single spaces or tabs between them, none at either end."""
+_ORIGIN_FORM = re.compile(rb"/[\x21-\x7e]*")
+"""``:path`` of an http(s) request: absolute path and query, visible ASCII (RFC 9113 §8.3.1)."""
+_AUTHORITY = re.compile(rb"[-A-Za-z0-9._~%!$&'()*+,;=:\[\]]+")
+"""host[:port] in URI characters, no userinfo (RFC 3986 §3.2, RFC 9113 §8.3.1); it becomes the
+``Host`` header."""
+_CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
 
 
 @dataclass(frozen=True)
@@ -49,16 +69,34 @@ def request_from_fields(
     authority = pseudo.get(b":authority") or host
     if not method or not path or not authority or method == b"CONNECT":
         return Refusal(400, "missing or unsupported pseudo-headers")
+    if problem := _invalid(method, path, authority, headers):
+        return Refusal(400, problem)
+    lengths = {p.strip() for n, v in headers if n == b"content-length" for p in v.split(b",")}
+    if len(lengths) > 1 or not all(_CONTENT_LENGTH.fullmatch(length) for length in lengths):
+        return Refusal(400, "invalid content-length")
     headers.insert(0, (b"host", authority))
-    declared = next((v.strip() for n, v in headers if n == b"content-length"), b"")
     return ForwardRequest(
         method=method,
         target=path,
         headers=headers,
-        has_body=not ended and declared != b"0",
+        has_body=not ended and lengths != {b"0"},
         client_ip=client_ip,
         client_cert_headers=client_cert_headers,
     )
+
+
+def _invalid(method: bytes, path: bytes, authority: bytes, headers: Sequence[Header]) -> str:
+    """Why these fields cannot make an HTTP/1.1 request (empty: they can)."""
+    if not _TOKEN.fullmatch(method):
+        return "invalid :method"
+    if not (_ORIGIN_FORM.fullmatch(path) or (path == b"*" and method == b"OPTIONS")):
+        return "invalid :path"
+    if not _AUTHORITY.fullmatch(authority):
+        return "invalid :authority"
+    for name, value in headers:
+        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+            return "invalid header field"
+    return ""
 
 
 def host_of(authority: bytes) -> str:

@@ -12,6 +12,27 @@ write waits for the socket to drain. A stream reset by the client cancels its ex
 
 A request whose ``:authority`` the connection's certificate does not cover gets 421: a browser
 may reuse a connection for another name, and this one cannot prove it is that server.
+
+Limits on what one connection may cost
+--------------------------------------
+HTTP/2 lets a client make the server work and write without asking for anything it reads: h2
+answers every PING and SETTINGS frame by itself (CVE-2019-9512), and a stream opened and reset
+at once costs a task and possibly a backend request while the client pays 30 bytes
+(CVE-2023-44487, "rapid reset"). So:
+
+* Backpressure on the client's frames: while more than :data:`MAX_BUFFERED` bytes wait in the
+  socket's write buffer, nothing more is read from the client (each frame read may queue an
+  answer); a client that takes nothing for ``idle_timeout`` is cut off. This bounds the memory of
+  every kind of flood, the ones below included.
+* Budgets (token buckets, :class:`FloodBudget`) for PING and SETTINGS frames and for streams the
+  client resets; over either, GOAWAY(ENHANCE_YOUR_CALM) and the connection is closed, as nginx
+  and HAProxy do. Rates, not "frames while not reading": the kernel's socket buffers (3-4 MB
+  measured on loopback) hide a client that does not read for the first ~200,000 PINGs.
+* The client's bytes go to h2 :data:`_FEED_SIZE` at a time, with a turn of the event loop in
+  between, so one connection's burst cannot hold the loop for other connections. Streams are
+  started after their slice is handled, so one opened and reset in the same burst never gets a
+  task nor reaches a backend; and tasks still winding down after a reset count against
+  :data:`MAX_CONCURRENT_STREAMS`, which h2 alone counts only for streams still open.
 """
 
 from __future__ import annotations
@@ -39,11 +60,54 @@ from alb_proxy.http.h1 import ConnectionControl
 from alb_proxy.observability.log import event
 
 MAX_CONCURRENT_STREAMS = 128
+"""Advertised, and enforced on running streams, reset ones included."""
+MAX_BUFFERED = 1024 * 1024
+"""Unsent bytes for one client beyond which no more of its frames are read. What piles up past
+it is what h2 answers by itself (ACKs, RST_STREAM for frames on reset streams). Responses reach
+it only briefly (each stream waits for the socket after every frame it writes; 128 streams
+writing 16 KiB each at once could), and pausing reads then until the client catches up is
+harmless."""
+CONTROL_FRAME_BURST = 1000
+CONTROL_FRAMES_PER_S = 100.0
+"""PING and SETTINGS frames: a client keeping a connection alive sends one every few seconds."""
+RESET_BURST = 200
+RESETS_PER_S = 20.0
+"""Streams the client resets (RST_STREAM): a browser leaving a page may cancel every stream it
+has open at once (up to 128), but not hundreds a second for long."""
 _READ_SIZE = 256 * 1024
+_FEED_SIZE = 4 * 1024
+"""Bytes handed to h2 at once: its costliest frames (HEADERS of streams reset at once, ~26 bytes
+and ~36 µs each) keep it busy ~6 ms."""
+_TURN_S = 0.002
+"""Time one connection may spend feeding h2 before it lets the event loop turn."""
 _WINDOW = 1024 * 1024
 """Receive window per stream and for the connection: enough for fast uploads, bounded memory."""
+_LINGER_S = 2.0
+_LINGER_BYTES = 1024 * 1024
+"""After our GOAWAY, how long and how much of what the client still sends is read (and dropped)
+while it closes: a client flooding on is not worth more."""
 
 Header = tuple[bytes, bytes]
+
+
+class FloodBudget:
+    """A token bucket: ``burst`` events at once, ``per_second`` sustained. Time is passed in."""
+
+    def __init__(self, burst: int, per_second: float) -> None:
+        self.burst = burst
+        self.per_second = per_second
+        self._tokens = float(burst)
+        self._at: float | None = None
+
+    def spend(self, now: float) -> bool:
+        """Take one token; False once the bucket is empty (the peer is over its budget)."""
+        if self._at is not None:
+            self._tokens = min(self.burst, self._tokens + (now - self._at) * self.per_second)
+        self._at = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
 
 class H2Session:
@@ -70,8 +134,18 @@ class H2Session:
             )
         )
         self.streams: dict[int, _Stream] = {}
+        """Streams the client may still send on: started, or waiting in ``_pending``."""
+        self._pending: dict[int, _Stream] = {}
+        """Received in the slice being handled; started once it is done, unless reset."""
+        self._tasks: set[asyncio.Task[None]] = set()
+        """Every stream task not yet finished, those of reset streams included."""
+        self._control_frames = FloodBudget(CONTROL_FRAME_BURST, CONTROL_FRAMES_PER_S)
+        self._resets = FloodBudget(RESET_BURST, RESETS_PER_S)
         self._window_open = asyncio.Event()
         self._closed = False
+        self._goaway_sent = False
+        self._send_timeout = route.idle_timeout
+        """How long queued bytes may take to leave once the connection is closing."""
 
     async def run(self) -> None:
         self.control.on_drain = self._on_drain
@@ -96,23 +170,8 @@ class H2Session:
                         data = await self.reader.read(_READ_SIZE)
                 except TimeoutError:
                     break
-                if not data:
+                if not data or not await self._feed(data):
                     break
-                try:
-                    events = self.conn.receive_data(data)
-                except h2.exceptions.ProtocolError as exc:
-                    event(
-                        logging.INFO,
-                        "http/2 protocol error",
-                        listener=self.route.listener,
-                        client=self.client_ip,
-                        error=str(exc),
-                    )
-                    self.flush()
-                    break
-                for ev in events:
-                    self._handle(ev)
-                self.flush()
             self._goaway()
         except (ConnectionError, ClientGone):
             pass
@@ -120,24 +179,118 @@ class H2Session:
             self._closed = True
             for stream in list(self.streams.values()):
                 stream.cancel()
-            if self.streams:
-                await asyncio.wait([s.task for s in self.streams.values() if s.task], timeout=5)
-            self.writer.close()
+            if self._tasks:
+                await asyncio.wait(self._tasks, timeout=5)
+            await self._close()
 
-    def _goaway(self) -> None:
+    async def _feed(self, data: bytes) -> bool:
+        """Hand the client's bytes to h2 a slice at a time, letting the event loop turn every
+        _TURN_S; False when the connection is to end."""
+        loop = asyncio.get_running_loop()
+        turn = loop.time()
+        for start in range(0, len(data), _FEED_SIZE):
+            if loop.time() - turn > _TURN_S:
+                await asyncio.sleep(0)
+                turn = loop.time()
+            if self._closed or not await self._writable():
+                return False
+            try:
+                events = self.conn.receive_data(data[start : start + _FEED_SIZE])
+            except h2.exceptions.ProtocolError as exc:
+                event(
+                    logging.INFO,
+                    "http/2 protocol error",
+                    listener=self.route.listener,
+                    client=self.client_ip,
+                    error=str(exc),
+                )
+                self.flush()
+                return False
+            now = loop.time()
+            for ev in events:
+                self._handle(ev, now)
+                if self._closed:
+                    break
+            self._start_pending()
+            self.flush()
+        return not self._closed
+
+    async def _writable(self) -> bool:
+        """Backpressure: past MAX_BUFFERED unsent bytes, wait for the client to take some (the
+        transport resumes writing below its low-water mark); False if it takes none for
+        ``idle_timeout``."""
+        if self.writer.transport.get_write_buffer_size() <= MAX_BUFFERED:
+            return True
+        try:
+            async with asyncio.timeout(self.route.idle_timeout):
+                await self.drain()
+        except TimeoutError:
+            event(
+                logging.INFO,
+                "http/2 client not reading",
+                listener=self.route.listener,
+                client=self.client_ip,
+                buffered=self.writer.transport.get_write_buffer_size(),
+            )
+            self._send_timeout = 0
+            return False
+        return True
+
+    async def _close(self) -> None:
+        """Close; the queued bytes (the GOAWAY last) get ``_send_timeout`` to leave, then a
+        client that takes none is cut off instead of keeping its buffer.
+
+        After our GOAWAY, what the client still sends is read and dropped until it closes too,
+        within _LINGER_S and _LINGER_BYTES: a socket closed with unread bytes makes the kernel
+        send a reset, which can destroy the GOAWAY before the client reads it."""
+        if self._goaway_sent and self._send_timeout:
+            dropped = 0
+            with contextlib.suppress(TimeoutError, OSError):
+                async with asyncio.timeout(_LINGER_S):
+                    while dropped < _LINGER_BYTES and (data := await self.reader.read(_READ_SIZE)):
+                        dropped += len(data)
+        self.writer.close()
+        if self.writer.transport.get_write_buffer_size():
+            try:
+                async with asyncio.timeout(self._send_timeout):
+                    await self.writer.wait_closed()
+            except TimeoutError:
+                self.writer.transport.abort()
+            except OSError:
+                pass
+
+    def _goaway(self, error_code: h2.errors.ErrorCodes = h2.errors.ErrorCodes.NO_ERROR) -> None:
+        if self._goaway_sent:
+            return
+        self._goaway_sent = True
         with contextlib.suppress(h2.exceptions.ProtocolError):
-            self.conn.close_connection(last_stream_id=self.conn.highest_inbound_stream_id)
+            self.conn.close_connection(
+                error_code=error_code, last_stream_id=self.conn.highest_inbound_stream_id
+            )
             self.flush()
 
-    def _handle(self, ev: h2.events.Event) -> None:
+    def _calm(self, reason: str) -> None:
+        """GOAWAY(ENHANCE_YOUR_CALM), then close: the client is over one of its budgets."""
+        event(
+            logging.WARNING,
+            "http/2 client over its limits",
+            listener=self.route.listener,
+            client=self.client_ip,
+            reason=reason,
+        )
+        self._goaway(h2.errors.ErrorCodes.ENHANCE_YOUR_CALM)
+        self._closed = True
+
+    def _handle(self, ev: h2.events.Event, now: float) -> None:
         if isinstance(ev, h2.events.RequestReceived):
             self.control.busy = True
-            if self.control.draining:
+            running = len(self._tasks) + len(self._pending)
+            if self.control.draining or running >= MAX_CONCURRENT_STREAMS:
                 self.conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
-            stream = _Stream(self, ev.stream_id)
+            stream = _Stream(self, ev.stream_id, ev.headers or [], ev.stream_ended is not None)
             self.streams[ev.stream_id] = stream
-            stream.start(ev.headers or [], ev.stream_ended is not None)
+            self._pending[ev.stream_id] = stream
         elif isinstance(ev, h2.events.DataReceived):
             found = self.streams.get(ev.stream_id)
             if found is None:
@@ -156,11 +309,30 @@ class H2Session:
         elif isinstance(ev, h2.events.StreamReset):
             found = self.streams.pop(ev.stream_id, None)
             if found is not None:
+                self._pending.pop(ev.stream_id, None)
                 found.cancel()
-        elif isinstance(ev, h2.events.WindowUpdated | h2.events.RemoteSettingsChanged):
+            if ev.remote_reset and not self._resets.spend(now):
+                self._calm("too many streams reset")
+        elif isinstance(ev, h2.events.PingReceived):
+            if not self._control_frames.spend(now):
+                self._calm("too many PING and SETTINGS frames")
+        elif isinstance(ev, h2.events.RemoteSettingsChanged):
+            self._window_open.set()
+            if not self._control_frames.spend(now):
+                self._calm("too many PING and SETTINGS frames")
+        elif isinstance(ev, h2.events.WindowUpdated):
             self._window_open.set()
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self._closed = True
+
+    def _start_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        if not self._closed:
+            for stream in pending.values():
+                task = stream.start()
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        self._check_idle()
 
     def flush(self) -> None:
         data = self.conn.data_to_send()
@@ -186,6 +358,9 @@ class H2Session:
 
     def stream_done(self, stream_id: int) -> None:
         self.streams.pop(stream_id, None)
+        self._check_idle()
+
+    def _check_idle(self) -> None:
         if not self.streams:
             self.control.busy = False
             if self.control.draining:
@@ -207,21 +382,26 @@ class H2Session:
 class _Stream:
     """One request stream: the Downstream ``forward`` answers through."""
 
-    def __init__(self, session: H2Session, stream_id: int) -> None:
+    def __init__(
+        self, session: H2Session, stream_id: int, raw: Sequence[Header], ended: bool
+    ) -> None:
         self.session = session
         self.conn = session.conn
         self.stream_id = stream_id
         self.route = session.route
+        self.raw = raw
+        self.ended = ended
         self.body: asyncio.Queue[tuple[bytes, int] | None] = asyncio.Queue()
+        if ended:
+            self.body.put_nowait(None)
         self.task: asyncio.Task[None] | None = None
         self._sent_head = False
         self._cancelled = False
         self.request_trailers: list[Header] = []
 
-    def start(self, raw: Sequence[tuple[bytes, bytes]], ended: bool) -> None:
-        if ended:
-            self.body.put_nowait(None)
-        self.task = asyncio.ensure_future(self._run(raw, ended))
+    def start(self) -> asyncio.Task[None]:
+        self.task = asyncio.ensure_future(self._run(self.raw, self.ended))
+        return self.task
 
     def feed(self, data: bytes, flow_controlled: int) -> None:
         self.body.put_nowait((data, flow_controlled))
