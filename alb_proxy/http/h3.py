@@ -60,6 +60,7 @@ class H3Protocol(QuicConnectionProtocol):
         """Lowest client-initiated request stream id not seen yet (what a GOAWAY names)."""
         self._idle: asyncio.Event | None = None
         """Set once a draining connection has no request in flight."""
+        self._transmit_scheduled = False
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self.client_ip == "-":
@@ -122,6 +123,18 @@ class H3Protocol(QuicConnectionProtocol):
 
     def send_buffered(self, stream_id: int) -> int:
         return self._send_buffered(self._quic, stream_id)
+
+    def transmit_soon(self) -> None:
+        """What every stream queued in this turn of the loop leaves in one ``transmit``:
+        building and encrypting packets is the costliest part of serving HTTP/3, and a
+        response sent piecemeal (head, body, end) would fill three packets instead of one."""
+        if not self._transmit_scheduled:
+            self._transmit_scheduled = True
+            asyncio.get_running_loop().call_soon(self._transmit_now)
+
+    def _transmit_now(self) -> None:
+        self._transmit_scheduled = False
+        self.transmit()
 
     def reset_stream(self, stream_id: int) -> None:
         self._quic.reset_stream(stream_id, ErrorCode.H3_INTERNAL_ERROR)
@@ -213,14 +226,14 @@ class _Stream:
         self, status: int, headers: list[tuple[bytes, bytes]], reason: bytes
     ) -> None:
         self._check()
-        self.h3.send_headers(self.stream_id, [(b":status", str(status).encode()), *headers])
+        self.h3.send_headers(self.stream_id, [(b":status", b"%d" % status), *headers])
         self._sent_head = True
-        self.protocol.transmit()
+        self.protocol.transmit_soon()
 
     async def send_data(self, data: bytes) -> None:
         self._check()
         self.h3.send_data(self.stream_id, data, end_stream=False)
-        self.protocol.transmit()
+        self.protocol.transmit_soon()
         if self._buffered() >= _SEND_HIGH_WATER:
             self._writable.clear()
             try:
@@ -236,7 +249,7 @@ class _Stream:
             self.h3.send_headers(self.stream_id, trailers, end_stream=True)
         else:
             self.h3.send_data(self.stream_id, b"", end_stream=True)
-        self.protocol.transmit()
+        self.protocol.transmit_soon()
 
     async def send_error(self, status: int, detail: str) -> None:
         if status >= 500:
@@ -259,10 +272,10 @@ class _Stream:
         if self._cancelled or self._sent_head:
             return
         headers, body = error_response(status)
-        self.h3.send_headers(self.stream_id, [(b":status", str(status).encode()), *headers])
+        self.h3.send_headers(self.stream_id, [(b":status", b"%d" % status), *headers])
         self.h3.send_data(self.stream_id, body, end_stream=True)
         self._sent_head = True
-        self.protocol.transmit()
+        self.protocol.transmit_soon()
 
     def _buffered(self) -> int:
         return self.protocol.send_buffered(self.stream_id)
