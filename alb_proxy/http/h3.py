@@ -34,6 +34,8 @@ SendBuffered = Callable[[QuicConnection, int], int]
 """How many bytes of a stream aioquic still holds unacknowledged (see quic_internals)."""
 SendGoaway = Callable[[H3Connection, int], None]
 """Queue an HTTP/3 GOAWAY naming the first stream id left unprocessed (see quic_internals)."""
+Receive = Callable[[QuicConnectionProtocol, bytes, Any], None]
+"""Feed a datagram and handle its events without transmitting (see quic_internals)."""
 
 
 class H3Protocol(QuicConnectionProtocol):
@@ -44,9 +46,11 @@ class H3Protocol(QuicConnectionProtocol):
         route: RouteSettings,
         send_buffered: SendBuffered,
         send_goaway: SendGoaway,
+        receive: Receive,
         **kwargs: Any,
     ) -> None:
         super().__init__(quic, **kwargs)
+        self._receive = receive
         self.route = route
         self._send_buffered = send_buffered
         self._send_goaway = send_goaway
@@ -65,7 +69,8 @@ class H3Protocol(QuicConnectionProtocol):
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self.client_ip == "-":
             self.client_ip = str(addr[0])
-        super().datagram_received(data, addr)
+        self._receive(self, data if isinstance(data, bytes) else data.encode(), addr)
+        self.transmit_soon()  # ACKs and answers of every datagram in this turn, together
         for stream in self._streams.values():
             stream.maybe_writable()
 

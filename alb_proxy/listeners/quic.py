@@ -28,6 +28,7 @@ from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h3 import H3Protocol
 from alb_proxy.listeners.quic_internals import (
     install_sni_hook,
+    receive,
     send_goaway,
     stream_send_buffered,
 )
@@ -129,6 +130,7 @@ class QuicListener:
             route=plan.route,
             send_buffered=stream_send_buffered,
             send_goaway=send_goaway,
+            receive=receive,
             **kwargs,
         )
         protocol.on_closed = lambda: server.forget(protocol)
