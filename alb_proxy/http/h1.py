@@ -79,7 +79,8 @@ class H1Session:
         self.route = route
         self.control = control
         self.client_cert_headers = client_cert_headers
-        self.reader = RequestReader(route.max_header_bytes)
+        self._reader: RequestReader | None = None
+        """Made when the first byte arrives: an idle connection costs memory by the thousand."""
         peer = stream.extra("peername")
         self.client_ip: str = peer[0] if peer else "-"
         self.request_trailers: list[Header] = []
@@ -104,7 +105,8 @@ class H1Session:
 
     async def _one_exchange(self) -> bool:
         """Serve one request; True when the connection can carry another."""
-        self.control.busy = self.reader.pending  # a pipelined request is under way already
+        # A pipelined request may be under way already.
+        self.control.busy = self._reader is not None and self._reader.pending
         self.request_trailers = []
         if self.control.draining:
             return False
@@ -176,14 +178,21 @@ class H1Session:
 
     # -- reading the client -------------------------------------------------------------------
 
+    @property
+    def reader(self) -> RequestReader:
+        """The request parser (there is one once a request has begun)."""
+        assert self._reader is not None
+        return self._reader
+
     async def _next_event(self, deadline: float | None) -> h1wire.Event | None:
         """The client's next event; None when it closed between requests. Raises WireError,
         TimeoutError, ClientGone."""
-        reader = self.reader
         while True:
-            ev = reader.next_event()
-            if ev is not None:
-                return ev
+            reader = self._reader
+            if reader is not None:
+                ev = reader.next_event()
+                if ev is not None:
+                    return ev
             timeout = None
             if deadline is not None:
                 timeout = deadline - asyncio.get_running_loop().time()
@@ -200,6 +209,8 @@ class H1Session:
                     raise ClientGone()  # left mid-head
                 return None
             self.control.busy = True  # a request has begun: a drain lets it finish
+            if reader is None:
+                reader = self._reader = RequestReader(self.route.max_header_bytes)
             reader.feed(data)
 
     # -- Downstream: what forward() answers through ---------------------------------------
