@@ -47,6 +47,8 @@ from alb_proxy.observability.log import event
 from alb_proxy.upstream.connection import BackendConnection
 
 _COALESCE_LIMIT = 64 * 1024
+IDLE_GRACE_S = 2.0
+"""How long a connection waits between requests in its task before it idles without one."""
 Header = tuple[bytes, bytes]
 
 
@@ -93,15 +95,27 @@ class H1Session:
         self._out_size = 0
         self._flush_scheduled = False
 
-    async def run(self) -> None:
+    async def serve(self) -> bool:
+        """Serve the requests whose bytes have begun to arrive. True when the connection is
+        idle and stays open (the caller runs this again when the client sends more, so an idle
+        keep-alive connection holds no task); False when it is closed."""
         try:
             while await self._one_exchange():
-                pass
+                reader = self._reader
+                if reader is not None and reader.pending:
+                    continue  # a pipelined request is here already
+                self._flush_out()
+                self.control.busy = False  # between requests: a drain may close it at once
+                # A busy client sends its next request within moments: wait a little for it
+                # (starting a task per request costs more), then let the connection idle.
+                grace = min(IDLE_GRACE_S, self.route.idle_timeout)
+                if not await self.stream.readable(grace) and not self.control.draining:
+                    return True
         except ClientGone:
             pass
-        finally:
-            self._flush_out()
-            self.stream.close()
+        self._flush_out()
+        self.stream.close()
+        return False
 
     async def _one_exchange(self) -> bool:
         """Serve one request; True when the connection can carry another."""

@@ -122,23 +122,7 @@ class Stream(asyncio.Protocol):
         ``TimeoutError`` after ``timeout`` seconds without a byte, ``ConnectionError`` if
         the connection broke."""
         if not self._chunks and not self._eof:
-            loop = asyncio.get_running_loop()
-            waiter = self._waiter = loop.create_future()
-            if timeout is None:
-                self._deadline = None
-            else:
-                # One timer serves many reads: it is re-armed only when it fires early (the
-                # common case is data long before the deadline, and no timer churn per read).
-                deadline = self._deadline = loop.time() + timeout
-                if self._timer is None or self._timer_at > deadline:
-                    if self._timer is not None:
-                        self._timer.cancel()
-                    self._timer = loop.call_at(deadline, self._deadline_check)
-                    self._timer_at = deadline
-            try:
-                await waiter
-            finally:
-                self._waiter = None
+            await self._wait(timeout)
         if self._chunks:
             chunks = self._chunks
             data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
@@ -151,6 +135,36 @@ class Stream(asyncio.Protocol):
         if self._lost is not None:
             raise ConnectionResetError(str(self._lost) or "connection lost")
         return b""
+
+    async def readable(self, timeout: float) -> bool:
+        """Wait until bytes or an EOF are there to read (True), or ``timeout`` passes (False);
+        nothing is consumed."""
+        if self._chunks or self._eof:
+            return True
+        try:
+            await self._wait(timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    async def _wait(self, timeout: float | None) -> None:
+        loop = asyncio.get_running_loop()
+        waiter = self._waiter = loop.create_future()
+        if timeout is None:
+            self._deadline = None
+        else:
+            # One timer serves many waits: it is re-armed only when it fires early (the common
+            # case is data long before the deadline, and no timer churn per read).
+            deadline = self._deadline = loop.time() + timeout
+            if self._timer is None or self._timer_at > deadline:
+                if self._timer is not None:
+                    self._timer.cancel()
+                self._timer = loop.call_at(deadline, self._deadline_check)
+                self._timer_at = deadline
+        try:
+            await waiter
+        finally:
+            self._waiter = None
 
     def write(self, data: bytes) -> None:
         if self.transport is not None and not self._closed:

@@ -12,9 +12,8 @@ import functools
 import logging
 import socket
 import ssl
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Protocol
 
 from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h1 import ConnectionControl, H1Session
@@ -28,7 +27,6 @@ from alb_proxy.tls.connection import HandshakeFailure, TlsServerProtocol
 from alb_proxy.tls.contexts import ListenerTls
 
 _STREAM_LIMIT = 256 * 1024
-_Session = tuple[ConnectionControl, "_Closable"]
 
 
 @dataclass(frozen=True)
@@ -57,7 +55,8 @@ class TcpListener:
         self.plan = plan
         self.metrics = metrics
         self._server: asyncio.Server | None = None
-        self._sessions: dict[asyncio.Task[None], _Session] = {}
+        self._connections: dict[_Connection, ConnectionControl] = {}
+        """Every connection this listener accepted that is still open."""
 
     @property
     def name(self) -> str:
@@ -73,14 +72,10 @@ class TcpListener:
         control = ConnectionControl()
         self.metrics.connections_total.labels(plan.name).inc()
 
-        def register(task: asyncio.Task[None], closable: _Closable) -> None:
-            self._sessions[task] = (control, closable)
-            task.add_done_callback(self._forget)
-
         def app(alpn: str | None) -> asyncio.Protocol:
             if alpn == "h2":
-                return _H2Protocol(plan, control, self.metrics, register)
-            return _H1Protocol(plan, control, self.metrics, register)
+                return _H2Protocol(plan, control, self.metrics, self._connections)
+            return _H1Protocol(plan, control, self.metrics, self._connections)
 
         if plan.tls is None:
             return app(None)
@@ -104,9 +99,6 @@ class TcpListener:
             detail=failure.detail,
         )
 
-    def _forget(self, task: asyncio.Task[None]) -> None:
-        self._sessions.pop(task, None)
-
     def stop_accepting(self) -> None:
         """Release the port at once; connections already accepted carry on."""
         if self._server is not None:
@@ -115,16 +107,16 @@ class TcpListener:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish (bounded), then close what remains."""
         self.stop_accepting()
-        for control, writer in self._sessions.values():
+        for connection, control in list(self._connections.items()):
             control.draining = True
             if control.on_drain is not None:
                 control.on_drain()
             elif not control.busy:
-                writer.close()  # idle keep-alive connection: nothing to finish
-        tasks = list(self._sessions)
-        if not tasks:
+                connection.close()  # idle keep-alive connection: nothing to finish
+        running = {c.task: c for c in self._connections if c.task is not None}
+        if not running:
             return
-        _, pending = await asyncio.wait(tasks, timeout=timeout)
+        _, pending = await asyncio.wait(running, timeout=timeout)
         if pending:
             # Out of time: cut what remains; each session ends on its broken connection.
             event(
@@ -134,20 +126,20 @@ class TcpListener:
                 connections=len(pending),
             )
             for task in pending:
-                session = self._sessions.get(task)
-                if session is not None:
-                    session[1].transport.abort()
+                running[task].abort()
             await asyncio.wait(pending, timeout=5.0)
 
 
-class _Closable(Protocol):
-    def close(self) -> None: ...
+class _Connection(Protocol):
+    """What the listener needs of a connection to drain it."""
 
     @property
-    def transport(self) -> Any: ...
+    def task(self) -> asyncio.Task[None] | None:
+        """The task serving it now (HTTP/1.1: only while a request is under way)."""
 
+    def close(self) -> None: ...
 
-Register = Callable[[asyncio.Task[None], _Closable], None]
+    def abort(self) -> None: ...
 
 
 def _tls_facts(
@@ -165,52 +157,127 @@ def _tls_facts(
     return []
 
 
-async def _run(
-    plan: ListenerPlan, metrics: Metrics, session: H1Session | H2Session, abort: Callable[[], None]
-) -> None:
-    active = metrics.connections_active.labels(plan.name)
-    active.inc()
-    try:
-        await session.run()
-    except Exception as exc:  # one broken connection must never take the listener down
-        event(logging.ERROR, "connection error", listener=plan.name, error=repr(exc))
-        abort()
-    finally:
-        active.dec()
-
-
 class _H1Protocol(Stream):
-    """Runs an :class:`H1Session` on the (TLS) connection once it is established."""
+    """An HTTP/1.1 connection: a task serves it while a request is under way, none while it
+    idles between requests (thousands of idle keep-alive connections then cost no coroutine
+    frames); its idle timeout is one timer."""
 
     def __init__(
-        self, plan: ListenerPlan, control: ConnectionControl, metrics: Metrics, register: Register
+        self,
+        plan: ListenerPlan,
+        control: ConnectionControl,
+        metrics: Metrics,
+        connections: dict[_Connection, ConnectionControl],
     ) -> None:
         super().__init__()
-        self._plan, self._control, self._metrics, self._register = plan, control, metrics, register
+        self._plan, self._control, self._metrics = plan, control, metrics
+        self._connections = connections
+        self.task: asyncio.Task[None] | None = None
+        self._session: H1Session | None = None
+        self._cert_headers: list[tuple[bytes, bytes]] = []
+        self._idle_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         plan = self._plan
-        cert_headers = _tls_facts(plan, self._metrics, transport.get_extra_info("ssl_object"))
-        session = H1Session(self, plan.route, self._control, cert_headers)
-        task = asyncio.ensure_future(_run(plan, self._metrics, session, self.abort))
-        self._register(task, self)
+        self._cert_headers = _tls_facts(plan, self._metrics, transport.get_extra_info("ssl_object"))
+        self._metrics.connections_active.labels(plan.name).inc()
+        self._connections[self] = self._control
+        self._idle()
+
+    def data_received(self, data: bytes) -> None:
+        super().data_received(data)
+        if self.task is None:
+            self._start()
+
+    def eof_received(self) -> bool:
+        super().eof_received()
+        if self.task is None:
+            self.close()  # between requests: the client is done
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+        if self._connections.pop(self, None) is not None:
+            self._metrics.connections_active.labels(self._plan.name).dec()
+
+    def _start(self) -> None:
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._session is None:
+            plan = self._plan
+            self._session = H1Session(self, plan.route, self._control, self._cert_headers)
+        self.task = asyncio.ensure_future(self._serve(self._session))
+
+    async def _serve(self, session: H1Session) -> None:
+        try:
+            idle = await session.serve()
+        except Exception as exc:  # one broken connection must never take the listener down
+            event(logging.ERROR, "connection error", listener=self._plan.name, error=repr(exc))
+            self.abort()
+            idle = False
+        finally:
+            self.task = None
+        if idle:
+            if self.at_eof or self._control.draining:
+                self.close()
+            else:
+                self._idle()
+
+    def _idle(self) -> None:
+        """Close the connection unless the client sends something within the idle timeout."""
+        loop = asyncio.get_running_loop()
+        self._idle_timer = loop.call_later(self._plan.route.idle_timeout, self._idle_expired)
+
+    def _idle_expired(self) -> None:
+        self._idle_timer = None
+        if self.task is None:
+            self.close()
 
 
 class _H2Protocol(asyncio.StreamReaderProtocol):
-    """Runs an :class:`H2Session` (ALPN ``h2``) on the TLS connection."""
+    """Runs an :class:`H2Session` (ALPN ``h2``) on the TLS connection, in one task for its life
+    (HTTP/2 multiplexes: there is no "between requests")."""
 
     def __init__(
-        self, plan: ListenerPlan, control: ConnectionControl, metrics: Metrics, register: Register
+        self,
+        plan: ListenerPlan,
+        control: ConnectionControl,
+        metrics: Metrics,
+        connections: dict[_Connection, ConnectionControl],
     ) -> None:
-        self._plan, self._control, self._metrics, self._register = plan, control, metrics, register
+        self._plan, self._control, self._metrics = plan, control, metrics
+        self._connections = connections
+        self.task: asyncio.Task[None] | None = None
+        self._writer: asyncio.StreamWriter | None = None
         super().__init__(asyncio.StreamReader(limit=_STREAM_LIMIT), self._serve)
 
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+
+    def abort(self) -> None:
+        if self._writer is not None:
+            self._writer.transport.abort()
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.task = asyncio.current_task()
+        self._writer = writer
+        self._connections[self] = self._control
+        active = self._metrics.connections_active.labels(self._plan.name)
+        active.inc()
+        try:
+            await self._serve_h2(reader, writer)
+        finally:
+            self._connections.pop(self, None)
+            active.dec()
+
+    async def _serve_h2(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         plan = self._plan
-        task = asyncio.current_task()
-        assert task is not None and plan.tls is not None
-        self._register(task, writer)
+        assert plan.tls is not None
         cert_headers = _tls_facts(plan, self._metrics, writer.get_extra_info("ssl_object"))
         session = H2Session(
             reader,
@@ -222,4 +289,8 @@ class _H2Protocol(asyncio.StreamReaderProtocol):
                 plan.tls.authority_ok, writer.get_extra_info("tls_server_name")
             ),
         )
-        await _run(plan, self._metrics, session, writer.transport.abort)
+        try:
+            await session.run()
+        except Exception as exc:  # one broken connection must never take the listener down
+            event(logging.ERROR, "connection error", listener=plan.name, error=repr(exc))
+            writer.transport.abort()
