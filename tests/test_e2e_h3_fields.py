@@ -9,29 +9,14 @@ import pytest
 from conftest import Pki
 from h3client import h3_get
 from harness import Backend, Proxy, start_proxy
+from test_e2e_quic import single_quic_listener
 
 
 @pytest.fixture(scope="module")
 def proxy(
     pki: Pki, demo_backend: Backend, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[Proxy]:
-    config = {
-        "instance": {"name": "q"},
-        "certificates": [pki.default.entry("c-default")],
-        "server_groups": [
-            {"id": "sg", "servers": [{"host": "127.0.0.1", "port": demo_backend.port}]}
-        ],
-        "listeners": [
-            {
-                "name": "q",
-                "protocol": "QUIC",
-                "port": 4433,
-                "bind": "127.0.0.1",
-                "certificates": {"default": "c-default"},
-                "default_action": {"forward": "sg"},
-            }
-        ],
-    }
+    config = single_quic_listener(demo_backend, pki)
     p = start_proxy(tmp_path_factory.mktemp("h3fields"), config)
     yield p
     assert p.stop() == 0

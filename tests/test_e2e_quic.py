@@ -208,10 +208,8 @@ def test_gtlsclient_from_debian(proxy: Proxy) -> None:
     assert "[:status: 200]" in done.stdout + done.stderr
 
 
-def test_replaced_certificate_reaches_new_connections_while_open_ones_continue(
-    pki: Pki, demo_backend: Backend, tmp_path: Path
-) -> None:
-    config = {
+def single_quic_listener(demo_backend: Backend, pki: Pki) -> dict[str, Any]:
+    return {
         "instance": {"name": "q"},
         "certificates": [pki.default.entry("c-default")],
         "server_groups": [
@@ -228,6 +226,12 @@ def test_replaced_certificate_reaches_new_connections_while_open_ones_continue(
             }
         ],
     }
+
+
+def test_replaced_certificate_reaches_new_connections_while_open_ones_continue(
+    pki: Pki, demo_backend: Backend, tmp_path: Path
+) -> None:
+    config = single_quic_listener(demo_backend, pki)
     p = start_proxy(tmp_path, config)
     api = api_of(p)
     port = p.port("q")
@@ -291,26 +295,6 @@ def test_quic_upgrade_must_cover_the_https_names(pki: Pki, tmp_path: Path) -> No
     assert load_config(path).listener("h") is not None  # the rules alone accept it
 
 
-def _single_quic_listener(demo_backend: Backend, pki: Pki) -> dict[str, Any]:
-    return {
-        "instance": {"name": "q"},
-        "certificates": [pki.default.entry("c-default")],
-        "server_groups": [
-            {"id": "sg", "servers": [{"host": "127.0.0.1", "port": demo_backend.port}]}
-        ],
-        "listeners": [
-            {
-                "name": "q",
-                "protocol": "QUIC",
-                "port": 4433,
-                "bind": "127.0.0.1",
-                "certificates": {"default": "c-default"},
-                "default_action": {"forward": "sg"},
-            }
-        ],
-    }
-
-
 async def _in_flight_then(port: int, interrupt: Any) -> tuple[int, bytes]:
     """A slow request in flight on a QUIC connection when ``interrupt()`` runs; its answer."""
     async with connect(
@@ -334,7 +318,7 @@ def test_sigterm_lets_http3_requests_in_flight_finish(
 ) -> None:
     import signal
 
-    p = start_proxy(tmp_path, _single_quic_listener(demo_backend, pki))
+    p = start_proxy(tmp_path, single_quic_listener(demo_backend, pki))
     try:
         status, body = asyncio.run(
             _in_flight_then(p.port("q"), lambda: p.proc.send_signal(signal.SIGTERM))
@@ -348,7 +332,7 @@ def test_sigterm_lets_http3_requests_in_flight_finish(
 def test_a_deleted_quic_listener_lets_requests_in_flight_finish(
     pki: Pki, demo_backend: Backend, tmp_path: Path
 ) -> None:
-    p = start_proxy(tmp_path, _single_quic_listener(demo_backend, pki))
+    p = start_proxy(tmp_path, single_quic_listener(demo_backend, pki))
     api = api_of(p)
     try:
         status, _ = asyncio.run(
@@ -408,7 +392,7 @@ def test_backend_failures_map_to_the_same_statuses_as_https(
 def test_additional_certificates_come_and_go_over_quic(
     pki: Pki, demo_backend: Backend, tmp_path: Path
 ) -> None:
-    p = start_proxy(tmp_path, _single_quic_listener(demo_backend, pki))
+    p = start_proxy(tmp_path, single_quic_listener(demo_backend, pki))
     api = api_of(p)
     port = p.port("q")
     try:

@@ -9,7 +9,6 @@ turns its answer into aioquic's certificate objects.
 from __future__ import annotations
 
 import asyncio
-import logging
 import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -26,6 +25,7 @@ from aioquic.tls import CipherSuite
 
 from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h3 import H3Protocol
+from alb_proxy.listeners.drain import finish_or_cut
 from alb_proxy.listeners.quic_internals import (
     install_sni_hook,
     receive,
@@ -33,7 +33,6 @@ from alb_proxy.listeners.quic_internals import (
     stream_send_buffered,
 )
 from alb_proxy.listeners.sockets import Address
-from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 
 MAX_CONNECTIONS_PER_SOURCE = 256
@@ -151,16 +150,12 @@ class QuicListener:
         live = list(server.live) if server is not None else []
         if live:
             drains = [asyncio.ensure_future(protocol.drain()) for protocol in live]
-            _, pending = await asyncio.wait(drains, timeout=timeout)
-            if pending:
-                event(
-                    logging.WARNING,
-                    "drain timeout: connections cut",
-                    listener=self.name,
-                    connections=len(pending),
-                )
+
+            def cut(pending: set[asyncio.Future[None]]) -> None:
                 for task in pending:
-                    task.cancel()
+                    task.cancel()  # the connections close just below
+
+            await finish_or_cut(drains, timeout, self.name, cut)
             for protocol in live:
                 protocol.close()  # CONNECTION_CLOSE leaves at once (transmit is synchronous)
         if self._transport is not None:

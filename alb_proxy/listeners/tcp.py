@@ -19,6 +19,7 @@ from alb_proxy.http.forward import RouteSettings
 from alb_proxy.http.h1 import ConnectionControl, H1Session
 from alb_proxy.http.h2 import H2Session
 from alb_proxy.http.stream import Stream
+from alb_proxy.listeners.drain import finish_or_cut
 from alb_proxy.listeners.sockets import BACKLOG, Address
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
@@ -113,21 +114,15 @@ class TcpListener:
                 control.on_drain()
             elif not control.busy:
                 connection.close()  # idle keep-alive connection: nothing to finish
-        running = {c.task: c for c in self._connections if c.task is not None}
-        if not running:
-            return
-        _, pending = await asyncio.wait(running, timeout=timeout)
-        if pending:
-            # Out of time: cut what remains; each session ends on its broken connection.
-            event(
-                logging.WARNING,
-                "drain timeout: connections cut",
-                listener=self.name,
-                connections=len(pending),
-            )
+        running: dict[asyncio.Future[None], _Connection] = {
+            c.task: c for c in self._connections if c.task is not None
+        }
+
+        def cut(pending: set[asyncio.Future[None]]) -> None:
             for task in pending:
-                running[task].abort()
-            await asyncio.wait(pending, timeout=5.0)
+                running[task].abort()  # each session ends on its broken connection
+
+        await finish_or_cut(running, timeout, self.name, cut)
 
 
 class _Connection(Protocol):
