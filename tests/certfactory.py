@@ -148,3 +148,9 @@ def write_pair(
     cert = write_pem(directory / f"{name}.pem", pem_of(leaf, *chain))
     key = write_pem(directory / f"{name}.key", leaf.key_pem(), mode=0o600)
     return cert, key
+
+
+def serial_hex(cert: x509.Certificate) -> str:
+    """The serial as ``openssl x509 -serial`` shows it: hex in whole bytes (lowercase)."""
+    number = cert.serial_number
+    return number.to_bytes((number.bit_length() + 7) // 8, "big").hex()

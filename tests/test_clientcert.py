@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from urllib.parse import unquote_to_bytes
 
-from certfactory import make_ca, make_client
+from certfactory import make_ca, make_client, serial_hex
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
@@ -36,8 +36,16 @@ def test_headers_for_a_certificate() -> None:
         b"x-forwarded-clientcert-subjectdn": b"CN=a\\,%20b",
         b"x-forwarded-clientcert-issuerdn": b"CN=Issuer%20CA",
         b"x-forwarded-clientcert-fingerprint": cert.fingerprint(hashes.SHA256()).hex().encode(),
-        b"x-forwarded-clientcert-serial": format(cert.serial_number, "x").encode(),
+        b"x-forwarded-clientcert-serial": serial_hex(cert).encode(),
         b"x-forwarded-clientcert-clientverify": b"SUCCESS",
     }
     only = client_cert_headers(cert.public_bytes(Encoding.DER), ("serial",))
     assert [name for name, _ in only] == [b"x-forwarded-clientcert-serial"]
+
+
+def test_serial_is_hex_in_whole_bytes_like_openssl() -> None:
+    from alb_proxy.tls.clientcert import _whole_bytes_hex
+
+    assert _whole_bytes_hex(0x10B802) == b"10b802"
+    assert _whole_bytes_hex(0xB802) == b"b802"
+    assert _whole_bytes_hex(0xAB802) == b"0ab802"

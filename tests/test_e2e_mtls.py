@@ -25,6 +25,7 @@ from certfactory import (
     make_client,
     make_server,
     pem_of,
+    serial_hex,
     write_pair,
     write_pem,
 )
@@ -294,7 +295,7 @@ def test_backend_sees_exact_client_certificate_headers(proxy: Proxy, mpki: MtlsP
     assert "Zoë Doe" in _dn_decode(subject) and 'Acme\\, \\"Inc.\\"' in _dn_decode(subject)
     assert _dn_decode(headers["x-forwarded-clientcert-issuerdn"]) == "CN=client CA A"
     assert headers["x-forwarded-clientcert-fingerprint"] == good.fingerprint(hashes.SHA256()).hex()
-    assert headers["x-forwarded-clientcert-serial"] == format(good.serial_number, "x")
+    assert headers["x-forwarded-clientcert-serial"] == serial_hex(good)
     assert headers["x-forwarded-clientcert-clientverify"] == "SUCCESS"
 
 

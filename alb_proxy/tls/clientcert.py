@@ -32,9 +32,16 @@ _VALUES: dict[str, Callable[[x509.Certificate], bytes]] = {
     "subjectdn": lambda cert: percent_encode(cert.subject.rfc4514_string()),
     "issuerdn": lambda cert: percent_encode(cert.issuer.rfc4514_string()),
     "fingerprint": lambda cert: cert.fingerprint(hashes.SHA256()).hex().encode(),
-    "serial": lambda cert: format(cert.serial_number, "x").encode(),
+    "serial": lambda cert: _whole_bytes_hex(cert.serial_number),
     "clientverify": lambda cert: b"SUCCESS",
 }
+
+
+def _whole_bytes_hex(number: int) -> bytes:
+    """Lowercase hex in whole bytes (``0a1b``, not ``a1b``), as ``openssl x509 -serial`` shows
+    it, so the value compares equal to what an operator copies from openssl."""
+    text = format(number, "x")
+    return (("0" + text) if len(text) % 2 else text).encode()
 
 
 def client_cert_headers(der: bytes, enabled: Sequence[str]) -> list[tuple[bytes, bytes]]:
