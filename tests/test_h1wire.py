@@ -117,7 +117,7 @@ def test_an_endless_head_is_refused_before_it_ends() -> None:
 
 
 def test_a_head_near_the_limit_split_over_feeds_is_accepted() -> None:
-    raw = b"GET / HTTP/1.1\r\nX: " + b"a" * 1900 + b"\r\n\r\n"
+    raw = b"GET / HTTP/1.1\r\nHost: a\r\nX: " + b"a" * 1900 + b"\r\n\r\n"
     assert isinstance(requests(raw[:1000], raw[1000:], max_head=2048)[0], RequestHead)
 
 
@@ -257,6 +257,7 @@ def test_what_is_written_parses_back(
     headers: list[tuple[bytes, bytes]], body: bytes, cut: int
 ) -> None:
     headers = [(n, v) for n, v in headers if n not in (b"content-length", b"transfer-encoding")]
+    headers = [(b"host", b"a"), *(h for h in headers if h[0] != b"host")]
     raw = request_head(b"PUT", b"/x", [*headers, (b"transfer-encoding", b"chunked")])
     raw += chunk(body) if body else b""
     raw += last_chunk([(b"x-t", b"1")])
@@ -269,3 +270,81 @@ def test_what_is_written_parses_back(
     assert head.headers == [*headers, (b"transfer-encoding", b"chunked")]
     assert b"".join(e.data for e in events if isinstance(e, Data)) == body
     assert events[-1] == End([(b"x-t", b"1")])
+
+
+def test_an_endless_trailer_section_is_refused() -> None:
+    reader = RequestReader(max_head=2048)
+    reader.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+    with pytest.raises(WireError) as refused:
+        for _ in range(100):
+            reader.feed(b"X-Pad: " + b"p" * 60 + b"\r\n")
+    assert refused.value.status == 431
+
+
+def test_a_pipelined_head_after_a_large_body_is_not_counted_with_it() -> None:
+    body = b"b" * 100_000
+    raw = b"POST /1 HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n%sGET /2 HTT" % (
+        len(body),
+        body,
+    )
+    reader = RequestReader(max_head=2048)
+    reader.feed(raw)
+    reader.feed(b"P/1.1\r\nHost: a\r\n\r\n")
+    heads = [e for e in drain(reader) if isinstance(e, RequestHead)]
+    assert [h.target for h in heads] == [b"/1", b"/2"]
+
+
+@pytest.mark.parametrize("split", [False, True])
+def test_an_h2c_upgrade_with_a_body_keeps_its_body(split: bool) -> None:
+    head = (
+        b"POST /form HTTP/1.1\r\nHost: a\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAAP__\r\nContent-Length: 5\r\n\r\n"
+    )
+    chunks = [head, b"hello"] if split else [head + b"hello"]
+    events = requests(*chunks, b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert [type(e) for e in events] == [RequestHead, Data, End, RequestHead, End]
+    first = events[0]
+    assert isinstance(first, RequestHead) and first.body is BodyKind.LENGTH
+    assert not first.websocket
+    assert events[1] == Data(b"hello")
+
+
+@pytest.mark.parametrize(
+    ("raw", "problem"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "more than one Host header"),
+        (b"GET / HTTP/1.1\r\n\r\n", "HTTP/1.1 request without Host"),
+    ],
+)
+def test_host_must_be_one_and_there(raw: bytes, problem: str) -> None:
+    with pytest.raises(WireError, match=problem) as refused:
+        requests(raw)
+    assert refused.value.status == 400
+
+
+def test_http_1_0_may_go_without_host() -> None:
+    head = requests(b"GET /old HTTP/1.0\r\n\r\n")[0]
+    assert isinstance(head, RequestHead) and head.headers == []
+
+
+def test_an_absolute_form_target_wins_over_host() -> None:
+    head = requests(b"GET http://good.example:8080/p?q=1 HTTP/1.1\r\nHost: evil.example\r\n\r\n")[0]
+    assert isinstance(head, RequestHead)
+    assert head.target == b"/p?q=1"
+    assert head.headers == [(b"host", b"good.example:8080")]
+
+
+def test_a_response_with_a_transfer_coding_other_than_chunked_is_502() -> None:
+    with pytest.raises(WireError, match="transfer coding") as refused:
+        responses(b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxx")
+    assert refused.value.status == 502
+
+
+def test_response_trailers_are_bounded_too() -> None:
+    reader = ResponseReader(max_head=1024)
+    reader.expect(b"GET")
+    reader.feed(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n")
+    with pytest.raises(WireError) as refused:
+        for _ in range(100):
+            reader.feed(b"X-Pad: " + b"p" * 60 + b"\r\n")
+    assert refused.value.status == 502

@@ -84,6 +84,10 @@ class Switched(NamedTuple):
 Event = RequestHead | ResponseHead | Data | End | Switched
 
 
+class _Stop(Exception):
+    """Raised from a callback to stop llhttp at once (the reason is in ``_Reader._error``)."""
+
+
 class WireError(Exception):
     """The peer sent something that is not acceptable HTTP/1.1; ``status`` is the answer a
     client deserves (400, 431, 405, 501) or 502 for a backend."""
@@ -92,6 +96,30 @@ class WireError(Exception):
         super().__init__(detail)
         self.status = status
         self.detail = detail
+
+
+def _origin_form(target: bytes, headers: list[Header], http11: bool) -> tuple[bytes, str]:
+    """The target in origin form, and a problem (RFC 9112 §3.2: exactly one Host, required in
+    HTTP/1.1). An absolute-form target wins over Host (§3.2.2): it becomes the path, and Host
+    is set to its authority, so the backend and the proxy agree on the host. ``headers`` is
+    changed in place in that case."""
+    hosts = [i for i, (name, _) in enumerate(headers) if name == b"host"]
+    if len(hosts) > 1:
+        return target, "more than one Host header"
+    lowered = target[:8].lower()
+    if lowered.startswith((b"http://", b"https://")):
+        rest = target.split(b"://", 1)[1]
+        authority, slash, path = rest.partition(b"/")
+        if not authority or b"@" in authority:
+            return target, "invalid absolute-form target"
+        if hosts:
+            headers[hosts[0]] = (b"host", authority)
+        else:
+            headers.insert(0, (b"host", authority))
+        return slash + path if slash else b"/", ""
+    if not hosts and http11:
+        return target, "HTTP/1.1 request without Host"
+    return target, ""
 
 
 def _tokens(headers: list[Header], wanted: bytes) -> set[bytes]:
@@ -144,14 +172,19 @@ class _Reader:
 
     def on_header(self, name: bytes, value: bytes) -> None:
         name = name.lower()
+        self._head_size += len(name) + len(value) + 4
         if self._in_head:
-            self._head_size += len(name) + len(value) + 4
             self._headers.append((name, value))
             if name == b"transfer-encoding":
                 self._codings.append(value)
             elif name == b"content-length":
                 self._length = value  # llhttp refuses two
         else:
+            # Trailers count against the same limit as the head: else a client could send an
+            # endless trailer section and have it kept.
+            if self._head_size > self._max_head:
+                self._error = WireError(self._too_large, f"trailers over {self._max_head} bytes")
+                raise _Stop()
             self._trailers.append((name, value))
 
     def _body_kind(self) -> BodyKind:
@@ -167,11 +200,13 @@ class _Reader:
     def on_message_complete(self) -> None:
         self._events.append(End(self._trailers))
 
-    def _after_feed(self, fed: int) -> None:
-        """Raise what a callback found; bound a head still incomplete after ``fed`` bytes."""
+    def _after_feed(self, fed: int, began_in_head: bool) -> None:
+        """Raise what a callback found; bound a head still incomplete after ``fed`` bytes (of
+        which only a feed that began inside the head counts whole: one that began in a body
+        ends with the next head's first bytes, counted as its fields arrive)."""
         if self._error is not None:
             raise self._error
-        if self._in_head:
+        if self._in_head and began_in_head:
             self._raw_head += fed
             if self._raw_head > self._max_head:
                 self._error = WireError(self._too_large, f"head over {self._max_head} bytes")
@@ -193,6 +228,7 @@ class RequestReader(_Reader):
         self._url = b""
         self._websocket = False
         self._held: bytes | None = None
+        self._replaying = False
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; raises :class:`WireError`. After a :class:`Switched` event nothing
@@ -202,6 +238,7 @@ class RequestReader(_Reader):
         if self._held is not None:
             self._held += data
             return
+        began_in_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -211,15 +248,34 @@ class RequestReader(_Reader):
             if self._websocket:
                 self._held = rest
                 self._events.append(Switched(rest))
-            elif rest:
-                # h2c and friends are not switched to: the request goes on as a plain one.
-                self.feed(rest)
+            else:
+                self._not_an_upgrade(rest)
             return
         except httptools.HttpParserInvalidMethodError:
             raise self._error or WireError(501, "unknown request method") from None
         except httptools.HttpParserError as exc:
             raise self._error or WireError(400, str(exc) or "malformed request") from None
-        self._after_feed(len(data))
+        self._after_feed(len(data), began_in_head)
+
+    def _not_an_upgrade(self, rest: bytes) -> None:
+        """h2c and friends are not switched to: the request goes on as a plain one. llhttp has
+        ended it at its head (an upgrade carries no body for llhttp), so its body is parsed by
+        a fresh parser, fed the head again without the upgrade, then the rest."""
+        assert isinstance(self._events[-1], End)
+        self._events.pop()  # not the end after all
+        head = self._replayed_head
+        self._parser = self._request_parser = httptools.HttpRequestParser(self)
+        self._replaying = True
+        self.feed(head + rest)
+
+    @property
+    def _replayed_head(self) -> bytes:
+        headers = [
+            (n, v)
+            for n, v in self._headers
+            if n not in (b"upgrade", b"connection", b"http2-settings")
+        ]
+        return request_head(self._request_parser.get_method(), self._url, headers)
 
     def resume(self) -> None:
         """The upgrade was refused: what the client sent after the head is HTTP/1.1 again."""
@@ -228,14 +284,25 @@ class RequestReader(_Reader):
             self.feed(held)
 
     def on_url(self, url: bytes) -> None:
-        self._url += url  # llhttp may deliver a target split across feeds in pieces
+        if not self._replaying:
+            self._url += url  # llhttp may deliver a target split across feeds in pieces
 
     def on_message_begin(self) -> None:
+        if self._replaying:
+            return  # the head of a request already announced, fed again for its body
         super().on_message_begin()
         self._url = b""
         self._websocket = False
 
+    def on_header(self, name: bytes, value: bytes) -> None:
+        if not self._replaying:
+            super().on_header(name, value)
+
     def on_headers_complete(self) -> None:
+        if self._replaying:
+            self._replaying = False
+            self._in_head = False
+            return
         self._in_head = False
         parser = self._request_parser
         method = parser.get_method()
@@ -251,6 +318,11 @@ class RequestReader(_Reader):
         if method == b"CONNECT":
             self._error = WireError(405, "CONNECT is not proxied")  # a reverse proxy, no tunnel
             return
+        http11 = parser.get_http_version() == "1.1"
+        target, problem = _origin_form(self._url, headers, http11)
+        if problem:
+            self._error = WireError(400, problem)
+            return
         self._websocket = (
             parser.should_upgrade()
             and b"upgrade" in _tokens(headers, b"connection")
@@ -259,9 +331,9 @@ class RequestReader(_Reader):
         self._events.append(
             RequestHead(
                 method=method,
-                target=self._url,
+                target=target,
                 headers=headers,
-                http11=parser.get_http_version() == "1.1",
+                http11=http11,
                 keep_alive=parser.should_keep_alive(),
                 body=self._body_kind(),
                 websocket=self._websocket,
@@ -297,6 +369,7 @@ class ResponseReader(_Reader):
             raise self._error
         if self.spoiled:
             return
+        began_in_head = self._in_head
         try:
             self._parser.feed_data(data)
         except httptools.HttpParserUpgrade as exc:
@@ -308,7 +381,7 @@ class ResponseReader(_Reader):
                 self.spoiled = True  # garbage after a complete response: its own problem
                 return
             raise self._error or WireError(502, str(exc) or "malformed response") from None
-        self._after_feed(len(data))
+        self._after_feed(len(data), began_in_head)
 
     def eof(self) -> bool:
         """The backend closed: True if that ended a response framed by the connection's end
@@ -343,6 +416,13 @@ class ResponseReader(_Reader):
         self._head_size += len(self._reason) + 15
         if self._head_too_large():
             return
+        if self._codings:
+            codings = [t.strip().lower() for v in self._codings for t in v.split(b",")]
+            if codings != [b"chunked"]:
+                # Relaying would mean decoding it, or a client told "chunked" of a body
+                # that is not: neither is what a load balancer does with a backend's answer.
+                self._error = WireError(502, f"transfer coding {b', '.join(codings)!r}")
+                raise _Stop()
         body = self._body_kind()
         if status < 200 or status in (204, 304) or self._head_request:
             body = BodyKind.NONE
