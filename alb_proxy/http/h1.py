@@ -122,6 +122,7 @@ class H1Session:
         # A pipelined request may be under way already.
         self.control.busy = self._reader is not None and self._reader.pending
         self.request_trailers = []
+        self._head_sent = False  # a refusal of this request is answered, not cut
         if self.control.draining:
             return False
         loop = asyncio.get_running_loop()
@@ -279,8 +280,12 @@ class H1Session:
         framing = self._framing
         if framing == _Framing.NONE or not data:
             return
+        if self.stream.closing:
+            raise ClientGone()  # the client left mid-response: stop reading the backend
         self._write(h1wire.chunk(data) if framing == _Framing.CHUNKED else data)
-        if self._out_size >= _COALESCE_LIMIT:
+        if self._out_size >= _COALESCE_LIMIT or self.stream.writing_paused:
+            # Enough to send now, or the client is not keeping up: wait for it, however
+            # small the backend's pieces, so a slow reader slows the backend.
             await self._drain()
         elif not self._flush_scheduled:
             # Small pieces written in this loop iteration (head, body, end) leave as one
@@ -364,10 +369,11 @@ class H1Session:
         if client_rest is not None and client_rest.rest:
             conn.stream.write(client_rest.rest)
         route.metrics.tunnels_active.labels(route.listener).inc()
+        activity = [asyncio.get_running_loop().time()]
         try:
             await asyncio.gather(
-                _pump(self.stream, conn.stream, route.idle_timeout),
-                _pump(conn.stream, self.stream, route.idle_timeout),
+                _pump(self.stream, conn.stream, route.idle_timeout, activity),
+                _pump(conn.stream, self.stream, route.idle_timeout, activity),
             )
         except (ConnectionError, TimeoutError):
             pass
@@ -376,10 +382,22 @@ class H1Session:
             conn.close()
 
 
-async def _pump(source: Stream, sink: Stream, idle: float) -> None:
-    """Copy one direction of a tunnel; at EOF pass the half-close on, or close."""
+async def _pump(source: Stream, sink: Stream, idle: float, activity: list[float]) -> None:
+    """Copy one direction of a tunnel; at EOF pass the half-close on, or close. The tunnel is
+    idle only when neither direction moved for ``idle``: ``activity[0]`` is the last time
+    either did."""
+    loop = asyncio.get_running_loop()
     try:
-        while data := await source.read(idle):
+        while True:
+            try:
+                data = await source.read(max(activity[0] + idle - loop.time(), 0.001))
+            except TimeoutError:
+                if loop.time() - activity[0] < idle:
+                    continue  # the other direction is busy
+                raise
+            if not data:
+                break
+            activity[0] = loop.time()
             sink.write(data)
             await sink.drain()
     finally:

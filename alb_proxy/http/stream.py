@@ -76,7 +76,7 @@ class Stream(asyncio.Protocol):
         self._wake()
         waiter, self._drain_waiter = self._drain_waiter, None
         if waiter is not None and not waiter.done():
-            waiter.set_exception(ConnectionResetError("connection lost"))
+            waiter.set_result(None)  # drain() sees the loss (no exception nobody may read)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -179,6 +179,13 @@ class Stream(asyncio.Protocol):
             if waiter is None:
                 waiter = self._drain_waiter = asyncio.get_running_loop().create_future()
             await asyncio.shield(waiter)
+            if self._closed:
+                raise ConnectionResetError("connection lost")
+
+    @property
+    def writing_paused(self) -> bool:
+        """The transport's write buffer is over its high-water mark."""
+        return self._writing_paused
 
     @property
     def closing(self) -> bool:

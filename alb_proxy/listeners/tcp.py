@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from alb_proxy.http.forward import RouteSettings
-from alb_proxy.http.h1 import ConnectionControl, H1Session
+from alb_proxy.http.h1 import IDLE_GRACE_S, ConnectionControl, H1Session
 from alb_proxy.http.h2 import H2Session
 from alb_proxy.http.stream import Stream
 from alb_proxy.listeners.drain import finish_or_cut
@@ -57,6 +57,7 @@ class TcpListener:
         self.metrics = metrics
         self._server: asyncio.Server | None = None
         self._connections: dict[_Connection, ConnectionControl] = {}
+        self._draining = False
         """Every connection this listener accepted that is still open."""
 
     @property
@@ -74,6 +75,8 @@ class TcpListener:
         self.metrics.connections_total.labels(plan.name).inc()
 
         def app(alpn: str | None) -> asyncio.Protocol:
+            # A handshake that completes after a drain began serves nothing more.
+            control.draining = self._draining
             if alpn == "h2":
                 return _H2Protocol(plan, control, self.metrics, self._connections)
             return _H1Protocol(plan, control, self.metrics, self._connections)
@@ -108,6 +111,7 @@ class TcpListener:
     async def drain(self, timeout: float) -> None:
         """Stop accepting, let requests in flight finish (bounded), then close what remains."""
         self.stop_accepting()
+        self._draining = True
         for connection, control in list(self._connections.items()):
             control.draining = True
             if control.on_drain is not None:
@@ -178,7 +182,10 @@ class _H1Protocol(Stream):
         self._cert_headers = _tls_facts(plan, self._metrics, transport.get_extra_info("ssl_object"))
         self._metrics.connections_active.labels(plan.name).inc()
         self._connections[self] = self._control
-        self._idle()
+        if self._control.draining:
+            self.close()  # its listener is draining: nothing to serve
+        else:
+            self._idle()
 
     def data_received(self, data: bytes) -> None:
         super().data_received(data)
@@ -220,12 +227,16 @@ class _H1Protocol(Stream):
             if self.at_eof or self._control.draining:
                 self.close()
             else:
-                self._idle()
+                # The session waited IDLE_GRACE_S of the idle timeout already.
+                timeout = self._plan.route.idle_timeout
+                self._idle(timeout - min(IDLE_GRACE_S, timeout))
 
-    def _idle(self) -> None:
-        """Close the connection unless the client sends something within the idle timeout."""
+    def _idle(self, delay: float | None = None) -> None:
+        """Close the connection unless the client sends something within ``delay`` (default:
+        the idle timeout)."""
         loop = asyncio.get_running_loop()
-        self._idle_timer = loop.call_later(self._plan.route.idle_timeout, self._idle_expired)
+        delay = self._plan.route.idle_timeout if delay is None else delay
+        self._idle_timer = loop.call_later(delay, self._idle_expired)
 
     def _idle_expired(self) -> None:
         self._idle_timer = None
