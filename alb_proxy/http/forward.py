@@ -292,11 +292,18 @@ async def _response_head(
             # No deadline while the client is still sending: the backend may well wait for the
             # whole body. Once it is in, the backend has ``timeout`` to answer.
             head = asyncio.ensure_future(conn.next_event(None))
-            await asyncio.wait({head, upload}, return_when=asyncio.FIRST_COMPLETED)
-            if upload.done() and upload.exception() is not None and not head.done():
-                head.cancel()
-                upload.result()  # the client went away mid-upload: re-raise it
-            ev = await asyncio.wait_for(head, timeout) if not head.done() else head.result()
+            try:
+                await asyncio.wait({head, upload}, return_when=asyncio.FIRST_COMPLETED)
+                if upload.done() and upload.exception() is not None and not head.done():
+                    upload.result()  # the client went away mid-upload: re-raise it
+                ev = await asyncio.wait_for(head, timeout) if not head.done() else head.result()
+            finally:
+                # However this ends (an upload error, the stream reset by the client), the
+                # read is not left running, nor its exception unread.
+                if not head.done():
+                    head.cancel()
+                elif not head.cancelled():
+                    head.exception()
         else:
             ev = await conn.next_event(timeout)
         if not isinstance(ev, ResponseHead):
@@ -317,6 +324,10 @@ async def _relay_response(
     route: RouteSettings,
 ) -> Outcome:
     headers = response_headers_for_client(response.headers)
+    if response.status == 204:
+        # A 204 has no body, so no length (RFC 9110 §8.6); HTTP/2 clients reset a stream that
+        # announces one.
+        headers = [(n, v) for n, v in headers if n != b"content-length"]
     headers.extend(route.response_headers)
     route.metrics.request_answered(route.listener, response.status)
     try:

@@ -175,13 +175,14 @@ class H2Session:
         try:
             self.flush()
             while not self._closed:
-                timeout = None if self.streams else self.route.idle_timeout
                 if self.control.draining and not self.streams:
                     break
                 try:
-                    async with asyncio.timeout(timeout):
+                    async with asyncio.timeout(self.route.idle_timeout):
                         data = await self.reader.read(_READ_SIZE)
                 except TimeoutError:
+                    if self.streams:
+                        continue  # quiet while its requests are answered: not idle
                     break
                 if not data or not await self._feed(data):
                     break
