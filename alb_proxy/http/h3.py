@@ -29,6 +29,8 @@ from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, fo
 from alb_proxy.observability.log import event
 
 _SEND_HIGH_WATER = 1024 * 1024
+RECEIVE_HIGH_WATER = 1024 * 1024
+"""Request body bytes held for a backend beyond which the client gets no more credit."""
 
 SendBuffered = Callable[[QuicConnection, int], int]
 """How many bytes of a stream aioquic still holds unacknowledged (see quic_internals)."""
@@ -65,6 +67,8 @@ class H3Protocol(QuicConnectionProtocol):
         self._idle: asyncio.Event | None = None
         """Set once a draining connection has no request in flight."""
         self._transmit_scheduled = False
+        self._ping_timer: asyncio.TimerHandle | None = None
+        self._pings = 0
 
     def datagram_received(self, data: bytes | str, addr: Any) -> None:
         if self.client_ip == "-":
@@ -82,6 +86,9 @@ class H3Protocol(QuicConnectionProtocol):
             if stream is not None:
                 stream.cancel()
         elif isinstance(quic_event, ConnectionTerminated):
+            if self._ping_timer is not None:
+                self._ping_timer.cancel()
+                self._ping_timer = None
             for stream in self._streams.values():
                 stream.cancel()
             self._streams.clear()
@@ -93,8 +100,16 @@ class H3Protocol(QuicConnectionProtocol):
                 self._h3_event(h3_event)
 
     def _h3_event(self, h3_event: H3Event) -> None:
-        if isinstance(h3_event, HeadersReceived) and h3_event.stream_id not in self._streams:
+        if isinstance(h3_event, HeadersReceived) and h3_event.stream_id in self._streams:
+            # A second header section on a request stream: its trailers.
+            stream = self._streams[h3_event.stream_id]
+            stream.request_trailers = list(h3_event.headers)
+            if h3_event.stream_ended:
+                stream.feed(b"", True)
+        elif isinstance(h3_event, HeadersReceived):
             assert self._h3 is not None
+            if h3_event.stream_id < self._next_stream_id:
+                return  # trailers of a request answered already: nothing starts here
             if self._draining and h3_event.stream_id >= self._next_stream_id:
                 # Past our GOAWAY: rejected unprocessed, so the client may retry it elsewhere.
                 self._quic.reset_stream(h3_event.stream_id, ErrorCode.H3_REQUEST_REJECTED)
@@ -104,10 +119,32 @@ class H3Protocol(QuicConnectionProtocol):
             stream = _Stream(self, self._h3, h3_event.stream_id)
             self._streams[h3_event.stream_id] = stream
             stream.start(h3_event.headers, h3_event.stream_ended)
+            self._keep_alive()
         elif isinstance(h3_event, DataReceived):
             found = self._streams.get(h3_event.stream_id)
             if found is not None:
                 found.feed(h3_event.data, h3_event.stream_ended)
+
+    def held(self, stream_id: int) -> int:
+        """Request body bytes of a stream received but not yet taken by its backend."""
+        stream = self._streams.get(stream_id)
+        return stream.queued if stream is not None else 0
+
+    def _keep_alive(self) -> None:
+        """While requests are in flight, PING the client every half idle timeout: QUIC's idle
+        timeout counts silence on the connection, and a backend taking its time (up to the
+        request timeout) must not make the connection time out under its request."""
+        if self._ping_timer is None and self._streams:
+            loop = asyncio.get_running_loop()
+            self._ping_timer = loop.call_later(self.route.idle_timeout / 2, self._ping)
+
+    def _ping(self) -> None:
+        self._ping_timer = None
+        if self._streams:
+            self._pings += 1
+            self._quic.send_ping(self._pings)
+            self.transmit()
+            self._keep_alive()
 
     def stream_done(self, stream_id: int) -> None:
         self._streams.pop(stream_id, None)
@@ -214,6 +251,10 @@ class _Stream:
 
     # -- Downstream ---------------------------------------------------------------------------
 
+    @property
+    def queued(self) -> int:
+        return self._queued
+
     async def read_body(self) -> bytes | None:
         try:
             async with asyncio.timeout(self.route.idle_timeout):
@@ -221,7 +262,10 @@ class _Stream:
         except TimeoutError as exc:
             raise ClientGone() from exc
         if chunk is not None:
+            before = self._queued
             self._queued -= len(chunk)
+            if before >= RECEIVE_HIGH_WATER > self._queued:
+                self.protocol.transmit_soon()  # the credit held back can go out now
         return chunk
 
     async def send_informational(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:

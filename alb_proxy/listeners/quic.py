@@ -24,9 +24,10 @@ from aioquic.quic.packet import QuicPacketType, pull_quic_header
 from aioquic.tls import CipherSuite
 
 from alb_proxy.http.forward import RouteSettings
-from alb_proxy.http.h3 import H3Protocol
+from alb_proxy.http.h3 import RECEIVE_HIGH_WATER, H3Protocol
 from alb_proxy.listeners.drain import finish_or_cut
 from alb_proxy.listeners.quic_internals import (
+    hold_stream_credit,
     install_sni_hook,
     receive,
     send_goaway,
@@ -121,6 +122,12 @@ class QuicListener:
     def _connect(self, connection: QuicConnection, **kwargs: Any) -> H3Protocol:
         plan = self.plan  # the snapshot this connection keeps for its life
         install_sni_hook(connection, plan.certificates.choose)
+        protocol_of: list[H3Protocol] = []
+        hold_stream_credit(
+            connection,
+            lambda stream_id: protocol_of[0].held(stream_id) if protocol_of else 0,
+            RECEIVE_HIGH_WATER,
+        )
         self.metrics.connections_total.labels(plan.name).inc()
         server = self._server
         assert server is not None
@@ -132,6 +139,7 @@ class QuicListener:
             receive=receive,
             **kwargs,
         )
+        protocol_of.append(protocol)
         protocol.on_closed = lambda: server.forget(protocol)
         server.created = protocol
         return protocol

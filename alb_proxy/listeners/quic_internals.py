@@ -12,6 +12,10 @@
    exposes no size; ``len(stream.sender._buffer)`` is that size.
 3. **GOAWAY.** ``H3Connection`` can receive GOAWAY but not send it; a draining server writes the
    frame on the connection's own control stream (``_local_control_stream_id``).
+5. **Upload backpressure.** aioquic grants a stream more credit (MAX_STREAM_DATA) as soon as
+   data arrives, whatever the application did with it; a backend that does not read would let
+   a client park any amount in the proxy. :func:`hold_stream_credit` wraps
+   ``_write_stream_limits`` so credit grows with what the backend took, not with what arrived.
 4. **One transmit per loop turn.** ``QuicConnectionProtocol.datagram_received`` builds and sends
    packets after every datagram; under load many datagrams arrive in one turn of the loop, and
    building packets is the costliest part of serving HTTP/3. :func:`receive` does what it does
@@ -81,3 +85,23 @@ def receive(protocol: QuicConnectionProtocol, data: bytes, addr: Any) -> None:
     """Feed one datagram to the protocol's connection and handle its events, without sending."""
     protocol._quic.receive_datagram(data, addr, now=protocol._loop.time())
     protocol._process_events()
+
+
+def hold_stream_credit(connection: QuicConnection, held: Callable[[int], int], limit: int) -> None:
+    """Grant a stream credit by what its consumer took (received minus ``held(stream_id)``),
+    and none while ``limit`` bytes or more are held."""
+    original = connection._write_stream_limits
+
+    def write_stream_limits(builder: Any, space: Any, stream: Any) -> None:
+        waiting = held(stream.stream_id)
+        if waiting >= limit:
+            return  # the client waits until the backend takes some
+        receiver = stream.receiver
+        received = receiver.highest_offset
+        receiver.highest_offset = received - waiting  # aioquic grows credit from this
+        try:
+            original(builder, space, stream)
+        finally:
+            receiver.highest_offset = received
+
+    connection._write_stream_limits = write_stream_limits  # type: ignore[method-assign]
