@@ -59,6 +59,7 @@ class H3Client(QuicConnectionProtocol):
         headers: Sequence[tuple[bytes, bytes]] = (),
         body: bytes | None = None,
         chunks: Sequence[bytes] = (),
+        trailers: Sequence[tuple[bytes, bytes]] = (),
     ) -> H3Response:
         stream_id = self._quic.get_next_available_stream_id()
         response = self.responses[stream_id] = H3Response()
@@ -79,7 +80,12 @@ class H3Client(QuicConnectionProtocol):
             self.h3.send_data(stream_id, chunk, end_stream=False)
             self.transmit()
             await asyncio.sleep(0)
-        if not ends:
+        if trailers:
+            if body:
+                self.h3.send_data(stream_id, body, end_stream=False)
+            self.h3.send_headers(stream_id, list(trailers), end_stream=True)
+            self.transmit()
+        elif not ends:
             self.h3.send_data(stream_id, body or b"", end_stream=True)
             self.transmit()
         await asyncio.wait_for(response.done.wait(), 30)

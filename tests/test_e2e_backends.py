@@ -42,6 +42,8 @@ def backends() -> Iterator[dict[str, RecordingBackend]]:
         "overflow": RecordingBackend(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nokSTOLEN-BYTES"),
         # Closes every connection after answering, without saying so.
         "closer": RecordingBackend(close_after_answer=True),
+        # A 204 announcing a length it does not have.
+        "no-content": RecordingBackend(b"HTTP/1.1 204 No Content\r\nContent-Length: 8\r\n\r\n"),
         # Answers one request per connection, then closes on the next one unanswered.
         "one-shot": RecordingBackend(answers_per_connection=1),
         "ambiguous": RecordingBackend(
@@ -217,3 +219,27 @@ def test_a_backend_that_never_accepts_hits_the_connect_timeout(tmp_path: Path) -
             assert p.stop() == 0
             for filler in fillers:
                 filler.close()
+
+
+def test_a_204_reaches_the_client_without_a_length(proxy: Proxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port("no-content")), timeout=10) as s:
+        s.sendall(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+        head = b""
+        while b"\r\n\r\n" not in head:
+            head += s.recv(65536)
+    assert head.startswith(b"HTTP/1.1 204 ")
+    assert b"content-length" not in head.lower()
+
+
+def test_a_refused_request_on_a_keep_alive_connection_gets_its_answer(proxy: Proxy) -> None:
+    with socket.create_connection(("127.0.0.1", proxy.port("demo")), timeout=10) as s:
+        s.sendall(b"GET /first HTTP/1.1\r\nHost: x\r\n\r\n")
+        first = b""
+        while b'"body_bytes"' not in first:
+            first += s.recv(65536)
+        assert first.startswith(b"HTTP/1.1 200 ")
+        s.sendall(b"CONNECT backend:22 HTTP/1.1\r\nHost: backend:22\r\n\r\n")
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 405 "), reply

@@ -406,3 +406,27 @@ def test_additional_certificates_come_and_go_over_quic(
         assert h3_get(port, "exact.example.test")[1] == pki.default.fingerprint
     finally:
         assert p.stop() == 0
+
+
+def test_request_trailers_end_an_http3_request(proxy: Proxy) -> None:
+    async def run() -> dict[str, Any]:
+        async with connect(
+            "127.0.0.1",
+            proxy.port("q"),
+            configuration=client_configuration("exact.example.test"),
+            create_protocol=H3Client,
+        ) as client:
+            assert isinstance(client, H3Client)
+            response = await client.request(
+                "POST",
+                "/t",
+                "exact.example.test",
+                body=b"hello",
+                trailers=[(b"x-checksum", b"abc")],
+            )
+            assert response.status == 200
+            echo: dict[str, Any] = json.loads(bytes(response.body))
+            return echo
+
+    echo = asyncio.run(run())
+    assert echo["body_bytes"] == 5
