@@ -11,6 +11,7 @@ import json
 import select
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -243,3 +244,54 @@ def test_a_refused_request_on_a_keep_alive_connection_gets_its_answer(proxy: Pro
         while chunk := s.recv(65536):
             reply += chunk
     assert reply.startswith(b"HTTP/1.1 405 "), reply
+
+
+def test_a_websocket_busy_one_way_outlives_the_idle_timeout(tmp_path: Path) -> None:
+    """A tunnel is idle only when neither direction moves: a backend pushing to a client that
+    never writes (a live feed) keeps it open past ``idle_timeout_s``; once both are quiet for
+    that long it closes."""
+    pushes, interval = 8, 0.3  # 2.4 s of pushes against a 1 s idle timeout
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def push() -> None:
+        conn, _ = server.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(4096)
+            conn.sendall(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                b"Connection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n"
+            )
+            for i in range(pushes):
+                conn.sendall(b"push-%d;" % i)
+                time.sleep(interval)
+            conn.recv(1)  # then quiet, until the proxy closes the tunnel
+
+    thread = threading.Thread(target=push, daemon=True)
+    thread.start()
+    config = {
+        "instance": {"name": "ws"},
+        "server_groups": [_group("feed", server.getsockname()[1])],
+        "listeners": [_listener("web", 9130, "feed", idle_timeout_s=1)],
+    }
+    p = start_proxy(tmp_path, config)
+    try:
+        with socket.create_connection(("127.0.0.1", p.port("web")), timeout=10) as s:
+            s.sendall(
+                b"GET /feed HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                b"Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+            )
+            received = b""
+            while chunk := s.recv(4096):
+                received += chunk
+                if received.endswith(b"push-%d;" % (pushes - 1)):
+                    last_push = time.monotonic()
+            closed_after = time.monotonic() - last_push
+        assert received.startswith(b"HTTP/1.1 101 ")
+        assert received.split(b"\r\n\r\n", 1)[1] == b"".join(b"push-%d;" % i for i in range(pushes))
+        assert 0.9 < closed_after < 3
+    finally:
+        assert p.stop() == 0
+        server.close()
+        thread.join(timeout=10)
