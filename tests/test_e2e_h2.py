@@ -310,3 +310,14 @@ def test_rapid_reset_is_told_to_calm_down_and_spares_other_connections(
         RESET_BURST + MAX_CONCURRENT_STREAMS
     )
     assert "too many streams reset" in p.log
+
+
+def test_an_oversized_header_section_gets_431_and_the_connection_lives_on(proxy: Proxy) -> None:
+    client = H2Client(proxy.port("h"), "default.example.test")
+    big = client.request("/big", "default.example.test", headers=[(b"x-big", b"a" * 70_000)])
+    client.wait(big)
+    assert client.streams[big].status == 431
+    after = client.request("/after", "default.example.test")
+    client.wait(after)
+    assert client.streams[after].status == 200 and not client.goaway
+    client.close()

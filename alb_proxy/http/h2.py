@@ -85,6 +85,10 @@ _TURN_S = 0.002
 """Time one connection may spend feeding h2 before it lets the event loop turn."""
 _WINDOW = 1024 * 1024
 """Receive window per stream and for the connection: enough for fast uploads, bounded memory."""
+_DECODE_LIMIT = 1024 * 1024
+"""Largest header list decoded at all (HPACK can inflate a few bytes into kilobytes). A list
+over the listener's ``max_header_bytes`` but under this is decoded and answered 431, as on
+HTTP/1.1; past it the client is abusing the connection and h2 ends it (ENHANCE_YOUR_CALM)."""
 _LINGER_S = 2.0
 _LINGER_BYTES = 1024 * 1024
 """After our GOAWAY, how long and how much of what the client still sends is read (and dropped)
@@ -172,6 +176,7 @@ class H2Session:
         )
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(_WINDOW - 65535)
+        self._raise_decode_limit()
         try:
             self.flush()
             while not self._closed:
@@ -336,8 +341,16 @@ class H2Session:
                 self._calm("too many PING and SETTINGS frames")
         elif isinstance(ev, h2.events.WindowUpdated):
             self._window_open.set()
+        elif isinstance(ev, h2.events.SettingsAcknowledged):
+            self._raise_decode_limit()  # h2 has just lowered it to what we advertised
         elif isinstance(ev, h2.events.ConnectionTerminated):
             self._closed = True
+
+    def _raise_decode_limit(self) -> None:
+        """h2 decodes no header list over the MAX_HEADER_LIST_SIZE we advertise, and ends the
+        whole connection over one that is; decoding up to _DECODE_LIMIT lets fields.py answer
+        that request alone with 431."""
+        self.conn.decoder.max_header_list_size = max(_DECODE_LIMIT, self.route.max_header_bytes)
 
     def _start_pending(self) -> None:
         pending, self._pending = self._pending, {}
