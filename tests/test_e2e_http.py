@@ -228,6 +228,8 @@ def test_no_server_with_weight_gives_503(proxy: Proxy) -> None:
         (b"GET / HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n", b"400"),
         (b"POST / HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", b"501"),
         (b"CONNECT backend.internal:22 HTTP/1.1\r\nHost: backend.internal:22\r\n\r\n", b"405"),
+        (b"GET /\r\n\r\n", b"400"),
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", b"505"),
     ],
     ids=[
         "cl-and-te",
@@ -236,6 +238,8 @@ def test_no_server_with_weight_gives_503(proxy: Proxy) -> None:
         "bad-header-name",
         "unknown-te",
         "connect",
+        "http-0.9",
+        "http-2.0-as-text",
     ],
 )
 def test_rejected_requests_never_reach_the_backend(

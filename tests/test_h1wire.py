@@ -94,6 +94,9 @@ def test_pipelined_requests_queue_up_in_order() -> None:
         (b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", 501),
         (b"BREW / HTTP/1.1\r\n\r\n", 501),
         (b"CONNECT a:22 HTTP/1.1\r\nHost: a:22\r\n\r\n", 405),
+        (b"GET /\r\n\r\n", 400),  # HTTP/0.9
+        (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", 505),
+        (b"GET / HTTP/1.2\r\nHost: x\r\n\r\n", 400),
         (b"GET / HTTP/1.1\r\nX: " + b"a" * 3000 + b"\r\n\r\n", 431),
         (  # a length among the trailers could reframe what follows for a lenient recipient
             b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nContent-Length: 9\r\n\r\n",

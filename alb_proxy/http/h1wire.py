@@ -318,7 +318,16 @@ class RequestReader(_Reader):
         if method == b"CONNECT":
             self._error = WireError(405, "CONNECT is not proxied")  # a reverse proxy, no tunnel
             return
-        http11 = parser.get_http_version() == "1.1"
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            # llhttp takes HTTP/0.9 (no headers, no framing) and "HTTP/2.0" as text; neither
+            # can be forwarded faithfully as HTTP/1.1.
+            if version.startswith("0."):
+                self._error = WireError(400, "HTTP/0.9 requests are not supported")
+            else:
+                self._error = WireError(505, f"HTTP/{version} is not supported over HTTP/1")
+            return
+        http11 = version == "1.1"
         target, problem = _origin_form(self._url, headers, http11)
         if problem:
             self._error = WireError(400, problem)
