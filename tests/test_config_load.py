@@ -185,6 +185,16 @@ def test_unknown_keys_at_every_level() -> None:
     ]
 
 
+def test_unknown_keys_and_broken_rules_are_reported_together() -> None:
+    data = example()
+    data["extra_key"] = 1
+    data["listeners"][2]["port"] = 99999
+    assert problems(data) == [
+        "unknown key 'extra_key'",
+        "listeners[http-8080].port: must be between 1 and 65535, got 99999",
+    ]
+
+
 def test_non_string_key_is_unknown() -> None:
     assert problems({"instance": {"name": "x", 1: 2}}) == ["instance: unknown key 1"]
 

@@ -78,7 +78,10 @@ def parse_config(data: object) -> Config:
     reader = _Reader()
     config = reader.read(Config, data, "")
     if reader.problems:
-        raise ConfigError(reader.problems)
+        # Unknown keys alone leave a whole model: its rule problems are reported in the same
+        # run rather than after the typo is fixed.
+        rules = check_config(config) if isinstance(config, Config) else []
+        raise ConfigError(reader.problems + rules)
     assert isinstance(config, Config)
     return config
 
