@@ -750,3 +750,24 @@ def test_listener_that_cannot_bind_is_refused_and_changes_nothing(
     assert "listeners[nowhere] 192.0.2.1:" in body["error"]["message"]
     assert api.ok("GET", "/v1/config")["generation"] == generation
     assert [x["name"] for x in api.ok("GET", "/v1/listeners")["listeners"]] == ["web"]
+
+
+def test_unknown_fields_and_overlong_names_are_refused_and_change_nothing(
+    env: tuple[Proxy, Api, Any],
+) -> None:
+    _, api, root = env
+    generation = api.ok("GET", "/v1/config")["generation"]
+    pem = server_pem(root, ["strict.example.test"])
+    body = {"name": "strict", "cert_pem": pem.cert, "key_pem": pem.key}
+    status, payload = api.call("POST", "/v1/certificates", {**body, "chian_pem": pem.cert})
+    assert status == 400
+    assert payload["error"]["problems"] == ["unknown field 'chian_pem'"]
+    status, payload = api.call("POST", "/v1/certificates", {**body, "name": "n" * 129})
+    assert status == 422 and "1 to 128 printable" in payload["error"]["message"]
+    status, payload = api.call("POST", "/v1/certificates", {**body, "name": "line\nbreak"})
+    assert status == 422
+    status, payload = api.call(
+        "PUT", "/v1/listeners/web/mutual-authentication", {"enabled": False, "cas": ["x"]}
+    )
+    assert status == 400 and payload["error"]["problems"] == ["unknown field 'cas'"]
+    assert api.ok("GET", "/v1/config")["generation"] == generation

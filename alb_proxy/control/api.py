@@ -104,6 +104,8 @@ def route(
     method: str, template: str, summary: str, body: dict[str, Any] | None = None
 ) -> Callable[[Handler], Handler]:
     def register(handler: Handler) -> Handler:
+        if body is not None and "properties" in body:
+            body.setdefault("additionalProperties", False)  # refused in AdminApi._dispatch
         ROUTES.append(Route(method, template, handler, summary, body))
         return handler
 
@@ -174,6 +176,8 @@ class AdminApi:
                 allowed.append(candidate.method)
                 continue
             params = {k: unquote(v) for k, v in match.groupdict().items()}
+            if candidate.body is not None and candidate.body.get("additionalProperties") is False:
+                _refuse_unknown_fields(candidate.body, _json(request))
             return await candidate.handler(self, request, params)
         if allowed:
             raise ApiError(
@@ -220,6 +224,19 @@ def _json(request: Request) -> dict[str, Any]:
     if not isinstance(body, dict):
         raise ApiError(400, "the body must be a JSON object")
     return body
+
+
+def _refuse_unknown_fields(schema: dict[str, Any], body: dict[str, Any]) -> None:
+    """A misspelt optional field would otherwise be ignored without a word, as the config
+    file's loader never does."""
+    known = schema.get("properties", {})
+    unknown = [key for key in body if key not in known]
+    if unknown:
+        raise ApiError(
+            400,
+            f"unknown field {unknown[0]!r} (this operation takes: {', '.join(known)})",
+            [f"unknown field {key!r}" for key in unknown],
+        )
 
 
 def _str(body: dict[str, Any], name: str, *, required: bool = True) -> str | None:
@@ -367,6 +384,8 @@ async def list_listeners(api: AdminApi, request: Request, p: dict[str, str]) -> 
     {
         "type": "object",
         "required": ["name", "protocol", "port", "default_action"],
+        # Read by the config loader, which names any unknown key; the main ones are listed.
+        "additionalProperties": True,
         "properties": {
             "name": {"type": "string"},
             "protocol": {"enum": ["HTTP", "HTTPS", "QUIC"]},

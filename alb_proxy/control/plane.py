@@ -39,6 +39,9 @@ Build = Callable[[Config, int, Material | None], Snapshot]
 """Builds the snapshot of a validated config at a generation from the certificate bytes given
 (None: read the files), making its SSL contexts."""
 
+MAX_NAME_LENGTH = 128
+"""A certificate's name is a label for people (its id is made from it): a line, not a page."""
+
 
 class PreconditionFailed(OperationError):
     def __init__(self, expected: int, current: int) -> None:
@@ -156,6 +159,10 @@ class ControlPlane:
         if_match: int | None = None,
     ) -> tuple[str, Snapshot]:
         """Validate exactly like a config certificate, store it, and add it to the config."""
+        if not 0 < len(name) <= MAX_NAME_LENGTH or not name.isprintable():
+            raise OperationError(
+                422, f"a certificate name is 1 to {MAX_NAME_LENGTH} printable characters"
+            )
         now = datetime.now(UTC)
         if kind is CertificateKind.SERVER:
             if key_pem is None:
