@@ -6,7 +6,6 @@ material: no view has a field a private key could reach.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
@@ -23,7 +22,9 @@ _CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 
 
 def days_left(not_after: datetime, now: datetime) -> int:
-    return math.floor((not_after - now).total_seconds() / 86400)
+    """Whole days to expiry; negative once expired, by whole days since (as the log's "expired
+    ... (1 day ago)" counts them)."""
+    return int((not_after - now).total_seconds() / 86400)
 
 
 def certificate_view(
