@@ -39,6 +39,8 @@ from alb_proxy.adminclient import (
     resolve_endpoint,
     send,
 )
+from alb_proxy.config.load import read_yaml
+from alb_proxy.errors import ConfigError
 
 # typeshed names the type of ``add_subparsers()``'s result only with this private name.
 Subcommands: TypeAlias = "argparse._SubParsersAction[argparse.ArgumentParser]"
@@ -420,6 +422,11 @@ def _apply(a: argparse.Namespace) -> ApiRequest:
             raise UsageError(f"cannot read {path}: {_why(exc)}") from exc
         if len(raw) > MAX_UPLOAD_BYTES:
             raise UsageError(f"{path} is larger than {MAX_UPLOAD_BYTES // 1024} KiB")
+    source = "<stdin>" if a.file == "-" else str(a.cwd / a.file)
+    try:
+        read_yaml(text, source)  # syntax errors here name the file; the daemon would say "body"
+    except ConfigError as exc:
+        raise UsageError(f"{source} is not valid YAML", tuple(map(str, exc.problems))) from None
     return ApiRequest("PUT", api_path("v1", "config"), text, content_type="application/yaml")
 
 

@@ -252,6 +252,15 @@ def test_malformed_arguments_are_usage_errors(
     assert exc.value.exit_code == 2
 
 
+def test_apply_names_the_file_its_yaml_errors_are_in(tmp_path: Path) -> None:
+    (tmp_path / "alb.yaml").write_text("instance: {name: t}\nlisteners: [\n")
+    with pytest.raises(UsageError, match=r"alb\.yaml is not valid YAML") as exc:
+        request_of("ctl", "apply", "-f", "alb.yaml", cwd=tmp_path)
+    assert exc.value.problems and all(
+        p.startswith(f"{tmp_path / 'alb.yaml'}: ") for p in exc.value.problems
+    )
+
+
 def test_upload_file_problems_name_the_file_never_the_content(tmp_path: Path) -> None:
     root = make_ca()
     cert, _ = write_pair(tmp_path, "s", make_server(root))

@@ -645,6 +645,12 @@ def test_expiry_is_reported_per_listener(env: tuple[Proxy, Api, Any]) -> None:
     proxy, api, root = env
     soon = server_pem(root, ["site.example.test"], not_after=NOW + 10 * DAY)
     soon_id = upload(api, "soon", soon)
+    changed = api.ok("PUT", "/v1/listeners/web/default-certificate", {"certificate_id": soon_id})
+    assert changed["warnings"] == [f"web serves {soon_id}, which expires in 9 days"]
+    gone = server_pem(root, ["site.example.test"], not_before=NOW - 9 * DAY, not_after=NOW - DAY)
+    gone_id = upload(api, "gone", gone)
+    changed = api.ok("PUT", "/v1/listeners/web/default-certificate", {"certificate_id": gone_id})
+    assert changed["warnings"] == [f"web serves {gone_id}, which has expired"]
     api.ok("PUT", "/v1/listeners/web/default-certificate", {"certificate_id": soon_id})
     view = api.ok("GET", "/v1/listeners/web")
     assert view["certificate_expiry"][0]["id"] == soon_id

@@ -23,7 +23,12 @@ from alb_proxy.config.model import CertificateKind, Listener, Server
 from alb_proxy.control import operations as ops
 from alb_proxy.control.openapi import openapi_document
 from alb_proxy.control.plane import ControlPlane, Operation
-from alb_proxy.control.views import certificate_view, listener_view, server_group_view
+from alb_proxy.control.views import (
+    certificate_view,
+    expiry_warnings,
+    listener_view,
+    server_group_view,
+)
 from alb_proxy.errors import AlbError, CertificateError, ConfigError
 from alb_proxy.observability.metrics import Metrics
 
@@ -410,7 +415,8 @@ async def create_listener(api: AdminApi, request: Request, p: dict[str, str]) ->
         lambda c: ops.create_listener(c, listener),
         if_match=api.if_match(request),
     )
-    return 201, api.changed(listener=_view(api, name))
+    view = _view(api, name)
+    return 201, api.changed(listener=view, warnings=expiry_warnings(view))
 
 
 @route("GET", "/v1/listeners/{name}", "Show one listener")
@@ -434,7 +440,8 @@ async def _simple(
 ) -> tuple[int, Any]:
     _listener_or_404(api, name)
     await api.plane.change(f"{what} on {name}", operation, if_match=api.if_match(request))
-    return 200, api.changed(listener=_view(api, name))
+    view = _view(api, name)
+    return 200, api.changed(listener=view, warnings=expiry_warnings(view))
 
 
 @route("POST", "/v1/listeners/{name}/start", "Start a stopped listener")

@@ -94,6 +94,7 @@ def listener_view(
                     "id": cert_id,
                     "not_after": not_after.isoformat(),
                     "days_left": days_left(not_after, now),
+                    "expired": not_after <= now,
                 }
             )
     return {
@@ -116,6 +117,19 @@ def listener_view(
         "quic_upgrade": listener.quic_upgrade,
         "certificate_expiry": expiry,
     }
+
+
+def expiry_warnings(listener: dict[str, Any]) -> list[str]:
+    """What an operator who just changed a listener should read: its certificates that have
+    expired (clients refuse them) or expire within EXPIRY_WARNING_DAYS."""
+    warnings = []
+    for entry in listener.get("certificate_expiry") or []:
+        cert_id, left = entry["id"], entry["days_left"]
+        if entry["expired"]:
+            warnings.append(f"{listener['name']} serves {cert_id}, which has expired")
+        elif left < EXPIRY_WARNING_DAYS:
+            warnings.append(f"{listener['name']} serves {cert_id}, which expires in {left} days")
+    return warnings
 
 
 def server_group_view(group: ServerGroup) -> dict[str, Any]:
