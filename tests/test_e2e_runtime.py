@@ -777,3 +777,31 @@ def test_unknown_fields_and_overlong_names_are_refused_and_change_nothing(
     )
     assert status == 400 and payload["error"]["problems"] == ["unknown field 'cas'"]
     assert api.ok("GET", "/v1/config")["generation"] == generation
+
+
+def test_a_connection_opened_before_a_change_says_hello_under_the_new_state(
+    env: tuple[Proxy, Api, Any],
+) -> None:
+    """The TLS state is taken when the ClientHello arrives: a client that connects, waits,
+    and only then starts its handshake cannot slip in under the state of its connect."""
+    proxy, api, root = env
+    port = proxy.port("web")
+    early = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(2)]
+    new = server_pem(root, ["site.example.test"])
+    api.ok(
+        "PUT", "/v1/listeners/web/default-certificate", {"certificate_id": upload(api, "n", new)}
+    )
+    ca = make_ca("late clients")
+    ca_id = api.ok("POST", "/v1/ca-certificates", {"name": "late", "cert_pem": pem_of(ca).decode()})
+    with client_context().wrap_socket(early[0], server_hostname="site.example.test") as tls:
+        assert fingerprint(tls.getpeercert(binary_form=True) or b"") == new.fingerprint
+    api.ok(
+        "PUT",
+        "/v1/listeners/web/mutual-authentication",
+        {"enabled": True, "ca_certificates": [ca_id["id"]]},
+    )
+    ctx = client_context(minimum_version=ssl.TLSVersion.TLSv1_3)
+    tls = ctx.wrap_socket(early[1], server_hostname="site.example.test")
+    with tls, pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
+        tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        tls.recv(100)

@@ -1,8 +1,9 @@
 """HTTP and HTTPS listeners: accept TCP connections and run one HTTP session on each.
 
-Every accepted connection takes the listener's plan current at accept time (certificate
-contexts, route) and keeps it for its whole life, so a runtime change affects new connections
-only. The plan is replaced by assigning ``listener.plan``; nothing in a plan is mutated.
+Every connection takes the listener's plan (certificate contexts, route) current when its
+ClientHello arrives (plain HTTP: when it is accepted) and keeps it for its whole life, so a
+runtime change affects new connections only. The plan is replaced by assigning
+``listener.plan``; nothing in a plan is mutated.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from alb_proxy.listeners.sockets import BACKLOG, Address
 from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 from alb_proxy.tls.clientcert import client_cert_headers
+from alb_proxy.tls.clienthello import ClientHello
 from alb_proxy.tls.connection import HandshakeFailure, TlsServerProtocol
 from alb_proxy.tls.contexts import ListenerTls
 
@@ -70,25 +72,35 @@ class TcpListener:
         self._server = await loop.create_server(self._accept, sock=sock, backlog=BACKLOG)
 
     def _accept(self) -> asyncio.Protocol:
-        plan = self.plan  # the snapshot this connection keeps for its life
+        accepted = self.plan
         control = ConnectionControl()
-        self.metrics.connections_total.labels(plan.name).inc()
+        self.metrics.connections_total.labels(accepted.name).inc()
+        if accepted.tls is None:
+            return _H1Protocol(accepted, control, self.metrics, self._connections)
+        # A TLS connection keeps the plan current when its ClientHello arrives, not when it was
+        # accepted: a client may connect, wait, and only then say hello, and a change made
+        # meanwhile (mutual authentication turned on, a CA or policy replaced) must hold for
+        # that handshake as for any other begun after it.
+        chosen = accepted
+
+        def select(hello: ClientHello | None) -> ssl.SSLContext:
+            nonlocal chosen
+            chosen = self.plan
+            assert chosen.tls is not None  # a listener's protocol never changes
+            return chosen.tls.select(hello)
 
         def app(alpn: str | None) -> asyncio.Protocol:
             # A handshake that completes after a drain began serves nothing more.
             control.draining = self._draining
             if alpn == "h2":
-                return _H2Protocol(plan, control, self.metrics, self._connections)
-            return _H1Protocol(plan, control, self.metrics, self._connections)
+                return _H2Protocol(chosen, control, self.metrics, self._connections)
+            return _H1Protocol(chosen, control, self.metrics, self._connections)
 
-        if plan.tls is None:
-            return app(None)
-        tls = plan.tls
         return TlsServerProtocol(
-            select_context=tls.select,
+            select_context=select,
             app_factory=app,
-            on_failure=lambda failure: self._handshake_failed(plan, failure),
-            handshake_timeout=plan.handshake_timeout,
+            on_failure=lambda failure: self._handshake_failed(chosen, failure),
+            handshake_timeout=accepted.handshake_timeout,
         )
 
     def _handshake_failed(self, plan: ListenerPlan, failure: HandshakeFailure) -> None:
