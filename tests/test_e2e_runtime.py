@@ -805,3 +805,35 @@ def test_a_connection_opened_before_a_change_says_hello_under_the_new_state(
     with tls, pytest.raises(ssl.SSLError, match="CERTIFICATE_REQUIRED"):
         tls.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
         tls.recv(100)
+
+
+def test_uploads_racing_an_apply_are_kept(env: tuple[Proxy, Api, Any]) -> None:
+    """An apply lists the store's uploads under the change lock: one that landed while the
+    apply waited for it stays in the running state."""
+    proxy, api, root = env
+    file_text = proxy.config_path.read_text()
+    pems = [server_pem(root, [f"race{i}.example.test"]) for i in range(6)]
+    uploaded: list[str] = []
+
+    def upload_one(i: int) -> None:
+        uploaded.append(upload(api, f"race{i}", pems[i]))
+
+    def apply() -> None:
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{api.port}/v1/config",
+            data=file_text.encode(),
+            method="PUT",
+            headers={"Authorization": f"Bearer {api.token}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            assert answer.status == 200
+
+    threads = []
+    for i in range(len(pems)):
+        threads += [threading.Thread(target=upload_one, args=(i,)), threading.Thread(target=apply)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    listed = {c["id"] for c in api.ok("GET", "/v1/certificates")["certificates"]}
+    assert len(uploaded) == len(pems) and set(uploaded) <= listed

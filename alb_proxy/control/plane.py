@@ -138,14 +138,16 @@ class ControlPlane:
                 running=running.workers or "auto",
                 configured=config.workers or "auto",
             )
-        config = replace(
-            with_uploads(config, self.store),
-            admin=running.admin,
-            state_dir=running.state_dir,
-            workers=running.workers,
+        settled = replace(
+            config, admin=running.admin, state_dir=running.state_dir, workers=running.workers
         )
+        # The uploads are listed under the change lock: one uploaded or deleted while this
+        # change waited for it is seen, neither dropped from the running state nor looked for.
         return await self.change(
-            f"apply {source}", lambda _: config, if_match=if_match, file_sha256=file_sha256
+            f"apply {source}",
+            lambda _: with_uploads(settled, self.store),
+            if_match=if_match,
+            file_sha256=file_sha256,
         )
 
     async def upload(
