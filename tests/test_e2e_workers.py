@@ -229,7 +229,7 @@ def test_sigterm_drains_every_worker(env: tuple[Proxy, Api, Any]) -> None:
             socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=30) as raw,
             client_context().wrap_socket(raw, server_hostname="site.example.test") as tls,
         ):
-            tls.sendall(b"GET /?delay=1.5 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            tls.sendall(b"GET /?delay=3 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
             started.set()
             reply = b""
             while chunk := tls.recv(65536):
@@ -241,6 +241,16 @@ def test_sigterm_drains_every_worker(env: tuple[Proxy, Api, Any]) -> None:
     assert started.wait(10)
     assert proxy.metric("alb_connections_active", listener="web") == 1  # in flight
     workers = list(proxy.workers)
+    proxy.proc.send_signal(signal.SIGTERM)
+    # New connections are refused at once, while the request in flight goes on: nothing
+    # queues on a port no process will accept from again.
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", proxy.port("web")), timeout=5).close()
+        except ConnectionRefusedError:
+            break
+        assert not results, "still accepting when the drain was done"
+    assert not results
     assert proxy.stop() == 0
     thread.join(30)
     assert results and results[0].startswith(b"HTTP/1.1 200 ")

@@ -53,9 +53,13 @@ class Worker:
         applier = asyncio.ensure_future(self._apply_in_order())
         await self._stop.wait()
         applier.cancel()
-        await self.dataplane.drain()
+        # The listeners serve duplicates of these: closing them now, with the control plane's
+        # copies already closed, lets the kernel refuse new connections during the drain
+        # instead of queueing them where nobody will accept them.
         for sock in self._sockets.values():
             sock.close()
+        self._sockets.clear()
+        await self.dataplane.drain()
         self._channel.close()
         return 0
 
