@@ -430,3 +430,32 @@ def test_request_trailers_end_an_http3_request(proxy: Proxy) -> None:
 
     echo = asyncio.run(run())
     assert echo["body_bytes"] == 5
+
+
+def test_a_changed_idle_timeout_reaches_new_quic_connections(
+    pki: Pki, demo_backend: Backend, tmp_path: Path
+) -> None:
+    p = start_proxy(tmp_path, single_quic_listener(demo_backend, pki))  # idle_timeout_s: 15
+    api = api_of(p)
+    config = api.ok("GET", "/v1/config")["config"]
+    config["listeners"][0]["idle_timeout_s"] = 1
+    assert api.call("PUT", "/v1/config", config)[0] == 200
+
+    async def run() -> None:
+        async with connect(
+            "127.0.0.1",
+            p.port("q"),
+            configuration=client_configuration("x.test"),
+            create_protocol=H3Client,
+        ) as client:
+            assert isinstance(client, H3Client)
+            assert (await client.request("GET", "/", "x.test")).status == 200
+            await asyncio.sleep(3)  # idle: what is under test is the server's idle timeout
+            with pytest.raises(TimeoutError):  # the server has let the connection go
+                async with asyncio.timeout(3):
+                    await client.request("GET", "/after", "x.test")
+
+    try:
+        asyncio.run(run())
+    finally:
+        assert p.stop() == 0

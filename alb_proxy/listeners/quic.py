@@ -12,7 +12,7 @@ import asyncio
 import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from aioquic.asyncio.server import QuicServer
@@ -88,10 +88,26 @@ class QuicPlan:
 
 class QuicListener:
     def __init__(self, plan: QuicPlan, metrics: Metrics) -> None:
-        self.plan = plan
+        self._plan = plan
         self.metrics = metrics
         self._transport: asyncio.DatagramTransport | None = None
         self._server: _GuardedServer | None = None
+
+    @property
+    def plan(self) -> QuicPlan:
+        return self._plan
+
+    @plan.setter
+    def plan(self, plan: QuicPlan) -> None:
+        """New connections take ``plan``. aioquic gives every connection the server's one
+        configuration (its idle timeout included), so a changed timeout takes a new one that
+        only connections created from now on share."""
+        self._plan = plan
+        server = self._server
+        if server is not None and server.configuration.idle_timeout != plan.route.idle_timeout:
+            server.configuration = replace(
+                server.configuration, idle_timeout=plan.route.idle_timeout
+            )
 
     @property
     def name(self) -> str:
@@ -181,6 +197,16 @@ class _GuardedServer(QuicServer):
         """False while draining: Initial packets that would open a connection are dropped."""
         self.created: H3Protocol | None = None
         """Set by the protocol factory while ``datagram_received`` runs."""
+
+    @property
+    def configuration(self) -> QuicConfiguration:
+        """What aioquic's server creates each new connection with (its ``_configuration``)."""
+        configuration: QuicConfiguration = self._configuration
+        return configuration
+
+    @configuration.setter
+    def configuration(self, configuration: QuicConfiguration) -> None:
+        self._configuration = configuration
 
     @property
     def live(self) -> tuple[H3Protocol, ...]:
