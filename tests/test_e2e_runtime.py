@@ -25,7 +25,15 @@ from typing import Any
 import pytest
 from certfactory import DAY, NOW, make_ca, make_client, make_server, pem_of, write_pair, write_pem
 from cryptography.hazmat.primitives.serialization import Encoding
-from harness import Backend, Proxy, client_context, fingerprint, served_fingerprint, start_proxy
+from harness import (
+    Backend,
+    Proxy,
+    RecordingBackend,
+    client_context,
+    fingerprint,
+    served_fingerprint,
+    start_proxy,
+)
 
 
 @dataclass
@@ -837,3 +845,24 @@ def test_uploads_racing_an_apply_are_kept(env: tuple[Proxy, Api, Any]) -> None:
         thread.join(60)
     listed = {c["id"] for c in api.ok("GET", "/v1/certificates")["certificates"]}
     assert len(uploaded) == len(pems) and set(uploaded) <= listed
+
+
+def test_a_removed_server_gets_no_request_from_an_old_keep_alive_connection(
+    env: tuple[Proxy, Api, Any], demo_backend: Backend
+) -> None:
+    """The TLS state is a connection's for its life; the server group is taken by each
+    request as it begins, as a load balancer deregisters a target."""
+    proxy, api, _ = env
+    replacement = RecordingBackend()
+    old = KeepAlive(proxy.port("web"))
+    try:
+        assert old.get() == 200  # through the demo backend
+        api.ok(
+            "POST", "/v1/server-groups/sg/servers", {"host": "127.0.0.1", "port": replacement.port}
+        )
+        api.ok("DELETE", f"/v1/server-groups/sg/servers/127.0.0.1:{demo_backend.port}")
+        assert old.get() == 200
+        assert b"GET /ka " in replacement.received
+    finally:
+        old.close()
+        replacement.close()

@@ -60,6 +60,10 @@ class ConnectionControl:
     draining: bool = False
     on_drain: Callable[[], None] | None = None
     """Set by sessions that close themselves on a drain (HTTP/2: GOAWAY once streams end)."""
+    current_route: Callable[[], RouteSettings] | None = None
+    """The listener's route now. Each request takes it as it begins: a server removed from
+    the group gets no new request from a connection opened before the change (the TLS state,
+    by contrast, is the connection's for its life)."""
 
 
 class _Framing:
@@ -156,6 +160,8 @@ class H1Session:
         self._request_done = True
 
     async def _forward(self, request: RequestHead) -> bool:
+        if self.control.current_route is not None:
+            self.route = self.control.current_route()
         outcome = await forward(
             ForwardRequest(
                 method=request.method,

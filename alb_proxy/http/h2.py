@@ -307,6 +307,8 @@ class H2Session:
             if self.control.draining or running >= MAX_CONCURRENT_STREAMS:
                 self.conn.reset_stream(ev.stream_id, h2.errors.ErrorCodes.REFUSED_STREAM)
                 return
+            if self.control.current_route is not None:
+                self.route = self.control.current_route()  # the group as it is now
             stream = _Stream(self, ev.stream_id, ev.headers or [], ev.stream_ended is not None)
             self.streams[ev.stream_id] = stream
             self._pending[ev.stream_id] = stream

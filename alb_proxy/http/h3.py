@@ -49,11 +49,15 @@ class H3Protocol(QuicConnectionProtocol):
         send_buffered: SendBuffered,
         send_goaway: SendGoaway,
         receive: Receive,
+        current_route: Callable[[], RouteSettings] | None = None,
         **kwargs: Any,
     ) -> None:
         super().__init__(quic, **kwargs)
         self._receive = receive
         self.route = route
+        self.current_route = current_route
+        """The listener's route now, taken by each request as it begins (see h1's
+        ConnectionControl.current_route)."""
         self._send_buffered = send_buffered
         self._send_goaway = send_goaway
         self.on_closed: Callable[[], None] = lambda: None
@@ -116,6 +120,8 @@ class H3Protocol(QuicConnectionProtocol):
                 self.transmit()
                 return
             self._next_stream_id = max(self._next_stream_id, h3_event.stream_id + 4)
+            if self.current_route is not None:
+                self.route = self.current_route()  # the group as it is now
             stream = _Stream(self, self._h3, h3_event.stream_id)
             self._streams[h3_event.stream_id] = stream
             stream.start(h3_event.headers, h3_event.stream_ended)

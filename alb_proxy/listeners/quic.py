@@ -150,6 +150,7 @@ class QuicListener:
         protocol = H3Protocol(
             connection,
             route=plan.route,
+            current_route=lambda: self.plan.route,
             send_buffered=stream_send_buffered,
             send_goaway=send_goaway,
             receive=receive,

@@ -73,7 +73,7 @@ class TcpListener:
 
     def _accept(self) -> asyncio.Protocol:
         accepted = self.plan
-        control = ConnectionControl()
+        control = ConnectionControl(current_route=lambda: self.plan.route)
         self.metrics.connections_total.labels(accepted.name).inc()
         if accepted.tls is None:
             return _H1Protocol(accepted, control, self.metrics, self._connections)
