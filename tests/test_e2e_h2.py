@@ -321,3 +321,13 @@ def test_an_oversized_header_section_gets_431_and_the_connection_lives_on(proxy:
     client.wait(after)
     assert client.streams[after].status == 200 and not client.goaway
     client.close()
+
+
+def test_a_length_without_a_body_is_refused_not_forwarded(proxy: Proxy) -> None:
+    client = H2Client(proxy.port("h"), "default.example.test")
+    lying = client.request(
+        "/lying", "default.example.test", method="POST", headers=[(b"content-length", b"42")]
+    )
+    client.wait(lying)
+    assert client.streams[lying].status == 400
+    client.close()

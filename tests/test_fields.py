@@ -98,6 +98,16 @@ def test_bad_content_length_gets_400(value: bytes) -> None:
     )
 
 
+def test_a_length_on_a_request_without_body_gets_400() -> None:
+    """HEADERS with END_STREAM and content-length: 42 would leave the backend waiting for 42
+    bytes, to be taken from the next request on its connection (smuggling)."""
+    fields = [*BASE, (b"content-length", b"42")]
+    refused = request_from_fields(fields, ended=True, client_ip="-")
+    assert isinstance(refused, Refusal) and refused.status == 400
+    zero = request_from_fields([*BASE, (b"content-length", b"0")], ended=True, client_ip="-")
+    assert isinstance(zero, ForwardRequest) and not zero.has_body
+
+
 def test_valid_unusual_requests_pass() -> None:
     options = [(b":method", b"OPTIONS"), (b":authority", b"[::1]:8443"), (b":path", b"*")]
     assert isinstance(request_from_fields(options, ended=True, client_ip="-"), ForwardRequest)

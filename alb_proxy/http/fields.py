@@ -74,6 +74,10 @@ def request_from_fields(
     lengths = {p.strip() for n, v in headers if n == b"content-length" for p in v.split(b",")}
     if len(lengths) > 1 or not all(_CONTENT_LENGTH.fullmatch(length) for length in lengths):
         return Refusal(400, "invalid content-length")
+    if ended and lengths and lengths != {b"0"}:
+        # The stream ended with its headers: no body will come. Forwarded as it is, the length
+        # would make the backend read the next request on its connection as this one's body.
+        return Refusal(400, "content-length announces a body the request does not have")
     headers.insert(0, (b"host", authority))
     return ForwardRequest(
         method=method,
