@@ -331,3 +331,23 @@ def test_a_length_without_a_body_is_refused_not_forwarded(proxy: Proxy) -> None:
     client.wait(lying)
     assert client.streams[lying].status == 400
     client.close()
+
+
+def test_bodies_of_refused_and_reset_streams_give_the_window_back(proxy: Proxy) -> None:
+    """The connection window is shared by every stream: bytes of uploads never read must be
+    acknowledged all the same, or the connection ends up unable to upload at all."""
+    client = H2Client(proxy.port("h"), "default.example.test")
+    body = b"x" * 60_000
+    for i in range(20):  # 1.2 MB refused, 1.2 MB reset: more than the 1 MiB window, twice
+        refused = client.request(
+            f"/refused/{i}", "default.example.test", "POST", body, [(b"x-bad", b"a\x0bb")]
+        )
+        client.wait(refused)
+        assert client.streams[refused].status == 400
+        dropped = client.request(f"/dropped/{i}", "default.example.test", "POST", body)
+        client.reset(dropped)
+    upload = client.request("/after", "default.example.test", "POST", b"y" * 300_000)
+    client.wait(upload)
+    assert client.streams[upload].status == 200
+    assert json.loads(bytes(client.streams[upload].body))["body_bytes"] == 300_000
+    client.close()

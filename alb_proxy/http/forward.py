@@ -377,11 +377,14 @@ async def _relay_response(
 
 
 async def _abandon(conn: BackendConnection, upload: asyncio.Task[None] | None) -> None:
+    """Close the backend connection and end the upload, its outcome read whatever it was."""
     conn.close()
-    if upload is not None and not upload.done():
+    if upload is None:
+        return
+    if not upload.done():
         upload.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await upload
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await upload
 
 
 def _describe(exc: BaseException) -> str:

@@ -332,6 +332,7 @@ class H2Session:
             if found is not None:
                 self._pending.pop(ev.stream_id, None)
                 found.cancel()
+                found.release()
             if ev.remote_reset and not self._resets.spend(now):
                 self._calm("too many streams reset")
         elif isinstance(ev, h2.events.PingReceived):
@@ -452,8 +453,25 @@ class _Stream:
         return self.task
 
     def feed(self, data: bytes, flow_controlled: int) -> None:
+        if not data:
+            # Empty DATA frames cost the client nothing; queued, a stream of them would grow
+            # without bound while the backend is slow. Padding alone is given back at once.
+            if flow_controlled:
+                self.conn.acknowledge_received_data(flow_controlled, self.stream_id)
+                self.session.flush_soon()
+            return
         self._body.append((data, flow_controlled))
         self._wake()
+
+    def release(self) -> None:
+        """Give back the connection window of body bytes never read (the request was refused,
+        reset, or answered without reading it): else every such upload shrinks the window all
+        streams share, until none can send."""
+        unread = sum(item[1] for item in self._body if item is not None)
+        self._body.clear()
+        if unread:
+            self.conn.acknowledge_received_data(unread, self.stream_id)
+            self.session.flush_soon()
 
     def feed_end(self) -> None:
         self._body.append(None)
@@ -482,6 +500,7 @@ class _Stream:
             )
             self.abort()
         finally:
+            self.release()
             self.session.stream_done(self.stream_id)
 
     async def _request(
@@ -513,6 +532,8 @@ class _Stream:
                     await waiter
             except TimeoutError as exc:
                 raise ClientGone() from exc
+        if not self._body:
+            raise ClientGone()  # released: the stream was reset
         item = self._body.popleft()
         if item is None:
             return None
