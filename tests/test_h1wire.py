@@ -217,6 +217,9 @@ def test_a_switch_hands_over_the_rest() -> None:
         b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
         b"this is not HTTP at all\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 099 Early\r\n\r\n",
+        b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 999 Nine\r\nContent-Length: 0\r\n\r\n",
     ],
 )
 def test_malformed_responses_are_502(raw: bytes) -> None:

@@ -425,6 +425,10 @@ class ResponseReader(_Reader):
         self._head_size += len(self._reason) + 15
         if self._head_too_large():
             return
+        if not 100 <= status <= 599:
+            # llhttp reads any three digits; "099" is no 1xx and "999" no status a client knows.
+            self._error = WireError(502, f"status {status:03d}")
+            raise _Stop()
         if self._codings:
             codings = [t.strip().lower() for v in self._codings for t in v.split(b",")]
             if codings != [b"chunked"]:
