@@ -351,3 +351,27 @@ def test_bodies_of_refused_and_reset_streams_give_the_window_back(proxy: Proxy) 
     assert client.streams[upload].status == 200
     assert json.loads(bytes(client.streams[upload].body))["body_bytes"] == 300_000
     client.close()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        [(b"X-Upper", b"1")],
+        [(b"connection", b"close")],
+        [(b"te", b"gzip")],
+        [(b":unknown", b"1")],
+    ],
+    ids=["uppercase-name", "connection-header", "te-gzip", "unknown-pseudo"],
+)
+def test_a_malformed_request_costs_its_own_stream_only(
+    proxy: Proxy, bad: list[tuple[bytes, bytes]]
+) -> None:
+    client = H2Client(proxy.port("h"), "default.example.test")
+    client.conn.config.normalize_outbound_headers = False  # send what a careless client would
+    client.conn.config.validate_outbound_headers = False
+    slow = client.request("/slow?delay=0.5", "default.example.test")
+    malformed = client.request("/bad", "default.example.test", headers=bad)
+    client.wait()
+    assert client.streams[malformed].status == 400
+    assert client.streams[slow].status == 200 and not client.goaway
+    client.close()

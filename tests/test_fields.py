@@ -108,11 +108,48 @@ def test_a_length_on_a_request_without_body_gets_400() -> None:
     assert isinstance(zero, ForwardRequest) and not zero.has_body
 
 
+@pytest.mark.parametrize(
+    "fields",
+    [
+        [*BASE, (b"X-Upper", b"1")],
+        [*BASE, (b"connection", b"close")],
+        [*BASE, (b"keep-alive", b"5")],
+        [*BASE, (b"transfer-encoding", b"chunked")],
+        [*BASE, (b"upgrade", b"h2c")],
+        [*BASE, (b"te", b"gzip")],
+        [*BASE, (b"x-a", b" padded")],
+        [*BASE, (b"", b"empty name")],
+        [*BASE, (b":method", b"POST")],  # repeated
+        [*BASE, (b":status", b"200")],  # a response's
+        [*BASE[:2], (b"x-a", b"1"), *BASE[2:]],  # pseudo after a regular field
+        [*BASE[:1], *BASE[2:]],  # no :scheme
+        [*BASE, (b"host", b"b.example")],  # host differs from :authority
+        [*BASE[:2], BASE[3], (b"host", b"a"), (b"host", b"b")],
+    ],
+)
+def test_malformed_http2_requests_get_400_on_their_stream_alone(
+    fields: list[tuple[bytes, bytes]],
+) -> None:
+    refused = request_from_fields(fields, ended=True, client_ip="-")
+    assert isinstance(refused, Refusal) and refused.status == 400, refused
+
+
+def test_te_trailers_and_a_matching_host_pass() -> None:
+    fields = [*BASE, (b"te", b"trailers"), (b"host", b"a.example:8443")]
+    assert isinstance(request_from_fields(fields, ended=True, client_ip="-"), ForwardRequest)
+
+
 def test_valid_unusual_requests_pass() -> None:
-    options = [(b":method", b"OPTIONS"), (b":authority", b"[::1]:8443"), (b":path", b"*")]
+    options = [
+        (b":method", b"OPTIONS"),
+        (b":scheme", b"https"),
+        (b":authority", b"[::1]:8443"),
+        (b":path", b"*"),
+    ]
     assert isinstance(request_from_fields(options, ended=True, client_ip="-"), ForwardRequest)
     fields = [
         (b":method", b"PURGE"),
+        (b":scheme", b"https"),
         (b":authority", b"xn--caf-dma.example"),
         (b":path", b'/%20a?q={"j":[1,2]}|~^`'),
         (b"x-a", b"caf\xc3\xa9 au\tlait"),

@@ -248,3 +248,8 @@ def test_module_is_pure() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_trailers_lose_pseudo_headers_and_what_http11_cannot_carry() -> None:
+    trailers = [(b":path", b"/x"), (b"x-ok", b"1"), (b"x-bad", b"a\r\nb"), (b"x,y", b"1")]
+    assert trailers_across(trailers) == [(b"x-ok", b"1")]

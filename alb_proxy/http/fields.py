@@ -11,6 +11,11 @@ the protocol version; a comma in a header name, a vertical tab in a value, a ``:
 not a path at all); the h2 library and aioquic check only part of it (RFC 9113 §8.2.1 rules out
 NUL, CR and LF, nothing more). Whatever the HTTP/1.1 front end refuses as a bad request line or
 header gets the same 400 here, before anything is sent upstream.
+
+The rest of what makes an HTTP/2 request malformed (RFC 9113 §8.1.1: uppercase names,
+connection-specific fields, pseudo-headers unknown, repeated or after regular fields) is checked
+here too, rather than by the h2 library: h2 ends the whole connection over one malformed
+request, which costs every other stream on it; the RFC asks for that request's stream alone.
 """
 
 from __future__ import annotations
@@ -35,6 +40,13 @@ _AUTHORITY = re.compile(rb"[-A-Za-z0-9._~%!$&'()*+,;=:\[\]]+")
 """host[:port] in URI characters, no userinfo (RFC 3986 §3.2, RFC 9113 §8.3.1); it becomes the
 ``Host`` header."""
 _CONTENT_LENGTH = re.compile(rb"[0-9]{1,20}")
+_NAME = re.compile(rb"[-!#$%&'*+.^_`|~0-9a-z]+")
+"""A token in lowercase: HTTP/2 and HTTP/3 field names are lowercase (RFC 9113 §8.2.1)."""
+_REQUEST_PSEUDO = frozenset({b":method", b":scheme", b":authority", b":path"})
+_CONNECTION_SPECIFIC = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"transfer-encoding", b"upgrade"}
+)
+"""Malformed in HTTP/2 and HTTP/3 (RFC 9113 §8.2.2); ``te`` is allowed as "trailers" only."""
 
 
 @dataclass(frozen=True)
@@ -55,20 +67,31 @@ def request_from_fields(
     headers: list[Header] = []
     size = 0
     host = None
+    misplaced = False
     for name, value in fields:
         size += len(name) + len(value) + _PER_FIELD_OVERHEAD
         if name.startswith(b":"):
+            # Known, once each, all before the first regular field (RFC 9113 §8.3).
+            misplaced |= bool(headers) or host is not None
+            misplaced |= name not in _REQUEST_PSEUDO or name in pseudo
             pseudo[name] = value
         elif name == b"host":
+            misplaced |= host is not None
             host = value
         else:
             headers.append((name, value))
     if size > max_bytes:
         return Refusal(431, f"header section of {size} bytes")
+    if misplaced:
+        return Refusal(400, "unknown, repeated or misplaced pseudo-header (or a second host)")
     method, path = pseudo.get(b":method"), pseudo.get(b":path")
     authority = pseudo.get(b":authority") or host
     if not method or not path or not authority or method == b"CONNECT":
         return Refusal(400, "missing or unsupported pseudo-headers")
+    if not pseudo.get(b":scheme"):
+        return Refusal(400, "missing :scheme")
+    if host is not None and b":authority" in pseudo and host != pseudo[b":authority"]:
+        return Refusal(400, "host differs from :authority")
     if problem := _invalid(method, path, authority, headers):
         return Refusal(400, problem)
     lengths = {p.strip() for n, v in headers if n == b"content-length" for p in v.split(b",")}
@@ -98,8 +121,10 @@ def _invalid(method: bytes, path: bytes, authority: bytes, headers: Sequence[Hea
     if not _AUTHORITY.fullmatch(authority):
         return "invalid :authority"
     for name, value in headers:
-        if not _TOKEN.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
+        if not _NAME.fullmatch(name) or not _FIELD_VALUE.fullmatch(value):
             return "invalid header field"
+        if name in _CONNECTION_SPECIFIC or (name == b"te" and value != b"trailers"):
+            return f"connection-specific header field {name.decode()}"
     return ""
 
 

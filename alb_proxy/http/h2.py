@@ -139,7 +139,9 @@ class H2Session:
             h2.config.H2Configuration(
                 client_side=False,
                 header_encoding=None,
-                validate_inbound_headers=True,
+                # fields.py checks requests (400 on that stream alone; h2 would end the whole
+                # connection) and headers.trailers_across what trailers may carry on.
+                validate_inbound_headers=False,
                 # What we send was parsed already (llhttp: lowercase names, valid values) and
                 # stripped of connection-specific fields (headers.HOP_BY_HOP): h2's second
                 # check of every response header costs a tenth of a request.

@@ -17,6 +17,7 @@ proxy sets itself are added after the removal, so a client cannot suppress them 
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 Header = tuple[bytes, bytes]
@@ -106,6 +107,10 @@ def response_headers_for_client(headers: Sequence[Header]) -> list[Header]:
     return without_hop_by_hop(headers)
 
 
+_TRAILER_NAME = re.compile(rb"[-!#$%&'*+.^`|~0-9a-z]+")
+_UNSAFE_IN_VALUE = re.compile(rb"[\x00\r\n]")
+
+
 def trailers_across(trailers: Sequence[Header]) -> list[Header]:
     """A trailer section as it may cross the proxy, either way: what RFC 9110 §6.5.1 forbids in
     trailers, hop-by-hop fields, the proxy's own ``X-Forwarded-*`` (client-certificate results
@@ -118,6 +123,8 @@ def trailers_across(trailers: Sequence[Header]) -> list[Header]:
         and key not in NOT_IN_TRAILERS
         and not key.startswith(b"x-forwarded-")
         and b"_" not in key
+        and _TRAILER_NAME.fullmatch(key)  # no pseudo-header, nothing HTTP/1.1 cannot carry
+        and not _UNSAFE_IN_VALUE.search(value)
     ]
 
 
