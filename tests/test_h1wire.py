@@ -340,6 +340,24 @@ def test_an_absolute_form_target_wins_over_host() -> None:
     assert head.headers == [(b"host", b"good.example:8080")]
 
 
+def test_an_absolute_form_target_keeps_its_query_even_without_a_path() -> None:
+    head = requests(b"GET HTTP://Evil.example?x=1 HTTP/1.1\r\n\r\n")[0]
+    assert isinstance(head, RequestHead)
+    assert (head.target, head.headers) == (b"/?x=1", [(b"host", b"Evil.example")])
+
+
+@pytest.mark.parametrize(
+    "target",
+    [b"ftp://a.example/x", b"http://user@a.example/", b"http://", b"a.example/x", b"*"],
+)
+def test_targets_that_are_no_http_uri_nor_path_are_400(target: bytes) -> None:
+    with pytest.raises(WireError) as refused:
+        requests(b"GET " + target + b" HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert refused.value.status == 400
+    options = requests(b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")[0]
+    assert isinstance(options, RequestHead) and options.target == b"*"
+
+
 def test_a_response_with_a_transfer_coding_other_than_chunked_is_502() -> None:
     with pytest.raises(WireError, match="transfer coding") as refused:
         responses(b"GET", b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\nxx")

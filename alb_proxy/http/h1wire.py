@@ -31,6 +31,7 @@ way in, by llhttp, h2 or aioquic, or set by the proxy itself.
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from typing import NamedTuple
 
@@ -98,6 +99,13 @@ class WireError(Exception):
         self.detail = detail
 
 
+_ABSOLUTE_FORM = re.compile(
+    rb"(?i:https?)://(?P<authority>[-A-Za-z0-9._~%!$&'()*+,;=:\[\]]+)"
+    rb"(?P<path>/[^?#]*)?(?:\?(?P<query>[^#]*))?"
+)
+"""An http(s) URI as a request target (RFC 9112 §3.2.2), no userinfo, no fragment."""
+
+
 def _origin_form(target: bytes, headers: list[Header], http11: bool) -> tuple[bytes, str]:
     """The target in origin form, and a problem (RFC 9112 §3.2: exactly one Host, required in
     HTTP/1.1). An absolute-form target wins over Host (§3.2.2): it becomes the path, and Host
@@ -106,17 +114,16 @@ def _origin_form(target: bytes, headers: list[Header], http11: bool) -> tuple[by
     hosts = [i for i, (name, _) in enumerate(headers) if name == b"host"]
     if len(hosts) > 1:
         return target, "more than one Host header"
-    lowered = target[:8].lower()
-    if lowered.startswith((b"http://", b"https://")):
-        rest = target.split(b"://", 1)[1]
-        authority, slash, path = rest.partition(b"/")
-        if not authority or b"@" in authority:
-            return target, "invalid absolute-form target"
+    if not target.startswith(b"/") and target != b"*":  # "*": OPTIONS only, checked by caller
+        found = _ABSOLUTE_FORM.fullmatch(target)
+        if found is None:  # "ftp://x/", a bare name, userinfo
+            return target, "request target is neither a path nor an http(s) URI"
+        authority, path, query = found.group("authority", "path", "query")
         if hosts:
             headers[hosts[0]] = (b"host", authority)
         else:
             headers.insert(0, (b"host", authority))
-        return slash + path if slash else b"/", ""
+        return (path or b"/") + (b"?" + query if query is not None else b""), ""
     if not hosts and http11:
         return target, "HTTP/1.1 request without Host"
     return target, ""
@@ -329,6 +336,8 @@ class RequestReader(_Reader):
             return
         http11 = version == "1.1"
         target, problem = _origin_form(self._url, headers, http11)
+        if target == b"*" and method != b"OPTIONS":
+            problem = "the asterisk target is for OPTIONS only"
         if problem:
             self._error = WireError(400, problem)
             return
