@@ -452,3 +452,16 @@ def test_websocket_is_tunnelled_on_http_and_https(proxy: Proxy) -> None:
         ws = WebSocket(tls)
         assert ws.head.startswith(b"HTTP/1.1 101 ")
         assert ws.echo(b"over tls") == b"over tls"
+
+
+def test_a_pipelined_request_before_a_bad_one_is_answered(
+    proxy: Proxy, recorder: RecordingBackend
+) -> None:
+    reply = raw_exchange(
+        proxy.port("rec"),
+        b"GET /first-ok HTTP/1.1\r\nHost: x\r\n\r\n"
+        b"POST /bad-after-ok HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+    )
+    assert reply.startswith(b"HTTP/1.1 200 ")
+    assert b"\r\n\r\nokHTTP/1.1 400 " in reply
+    assert b"GET /first-ok " in recorder.received and b"/bad-after-ok" not in recorder.received

@@ -236,12 +236,44 @@ class RequestReader(_Reader):
         self._websocket = False
         self._held: bytes | None = None
         self._replaying = False
+        self._complete_events = 0
+        """How many queued events (from the left) belong to requests parsed to their end."""
 
     def feed(self, data: bytes) -> None:
         """Parse ``data``; raises :class:`WireError`. After a :class:`Switched` event nothing
-        is parsed until :meth:`resume` (the upgrade was refused) or ever (it was accepted)."""
+        is parsed until :meth:`resume` (the upgrade was refused) or ever (it was accepted).
+
+        Requests complete before a bad one in the same bytes (pipelining) are served first:
+        the error is then raised by :meth:`next_event` once they are taken."""
         if self._error is not None:
             raise self._error
+        try:
+            self._feed(data)
+        except WireError as error:
+            while len(self._events) > self._complete_events:
+                self._events.pop()  # what the bad request had begun
+            self._error = error
+            if not self._events:
+                raise
+
+    def next_event(self) -> Event | None:
+        if self._events:
+            self._complete_events = max(0, self._complete_events - 1)
+            return self._events.popleft()
+        if self._error is not None:
+            raise self._error
+        return None
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._events) or self._error is not None
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        if self._error is None:  # else its head was refused: the end of a bad request
+            self._complete_events = len(self._events)
+
+    def _feed(self, data: bytes) -> None:
         if self._held is not None:
             self._held += data
             return
@@ -270,6 +302,7 @@ class RequestReader(_Reader):
         a fresh parser, fed the head again without the upgrade, then the rest."""
         assert isinstance(self._events[-1], End)
         self._events.pop()  # not the end after all
+        self._complete_events = min(self._complete_events, len(self._events))
         head = self._replayed_head
         self._parser = self._request_parser = httptools.HttpRequestParser(self)
         self._replaying = True
