@@ -199,7 +199,9 @@ def test_gtlsclient_from_debian(proxy: Proxy) -> None:
             "--exit-on-all-streams-close",
             "127.0.0.1",
             str(port),
-            f"https://exact.example.test:{port}/from-gtlsclient",
+            # It sends "localhost" as SNI for an IP literal: ask for that name (another one,
+            # not covered by the certificate chosen for localhost, would get 421).
+            f"https://localhost:{port}/from-gtlsclient",
         ],
         capture_output=True,
         text=True,
@@ -459,3 +461,22 @@ def test_a_changed_idle_timeout_reaches_new_quic_connections(
         asyncio.run(run())
     finally:
         assert p.stop() == 0
+
+
+def test_authority_not_covered_by_the_certificate_gets_421(proxy: Proxy) -> None:
+    async def run() -> list[int]:
+        async with connect(
+            "127.0.0.1",
+            proxy.port("q"),
+            configuration=client_configuration("exact.example.test"),
+            create_protocol=H3Client,
+        ) as client:
+            assert isinstance(client, H3Client)
+            return [
+                (await client.request("GET", "/", authority)).status
+                for authority in ("exact.example.test", "default.example.test", "evil.example")
+            ]
+
+    assert asyncio.run(run()) == [200, 421, 421]
+    # Without SNI the client's own choice is served, as on HTTP/2.
+    assert h3_get(proxy.port("q"), None, "/")[0].status == 200

@@ -67,9 +67,9 @@ class SniIndex:
         for cert in certs:
             for name in map(normalize, cert.dns_names):
                 if name.startswith("*."):
-                    if _is_host_name(name[2:]):
+                    if is_host_name(name[2:]):
                         wildcard.setdefault(name[2:], []).append(cert)
-                elif _is_host_name(name):
+                elif is_host_name(name):
                     exact.setdefault(name, []).append(cert)
 
         interned: dict[Group, Group] = {}
@@ -96,7 +96,7 @@ class SniIndex:
         if not server_name:
             return self._default
         name = normalize(server_name)
-        if not _is_host_name(name):
+        if not is_host_name(name):
             return self._default
         found = self._exact.get(name)
         if found is not None:
@@ -135,7 +135,7 @@ def covers(pattern: str, name: str) -> bool:
     return bool(label) and parent == pattern[2:]
 
 
-def _is_host_name(name: str) -> bool:
+def is_host_name(name: str) -> bool:
     """Cheap filter applied alike to certificate names and server names, so an IP literal never
     matches: IPv6 has colons, and IPv4 ends in a numeric label, which no DNS host name does
     (top-level domains are never all-numeric, RFC 3696 §2). Wildcards elsewhere than a whole

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -226,6 +226,7 @@ def _quic_certificates(
     index = SniIndex.build(servers[ids[0]].info, [servers[i].info for i in ids[1:]], now)
     return QuicCertificates(
         select_ids=index.select,
+        covers=_group_covers(index, servers),
         by_id={
             i: QuicCertificate(
                 servers[i].leaf, servers[i].chain, servers[i].private_key, servers[i].key_type
@@ -284,6 +285,21 @@ def _listener_tls(
     mtls = listener.mutual_authentication
     if mtls.enabled:
         client_ca_pem = b"".join(cas[ca_id].pem for ca_id in mtls.ca_certificates)
+    return build_listener_tls(
+        index.select,
+        index.groups(),
+        material,
+        POLICIES[listener.security_policy],
+        alpn=("h2", "http/1.1") if listener.http2 else ("http/1.1",),
+        client_ca_pem=client_ca_pem,
+        covers=_group_covers(index, servers),
+    )
+
+
+def _group_covers(
+    index: SniIndex, servers: Mapping[str, ServerCertificate]
+) -> Callable[[tuple[str, ...], str], bool]:
+    """Whether the certificates of an SNI group cover a host name (421 when they do not)."""
     names = {
         group: tuple(
             name
@@ -296,15 +312,7 @@ def _listener_tls(
     def group_covers(group: tuple[str, ...], host: str) -> bool:
         return any(covers(pattern, host) for pattern in names.get(group, ()))
 
-    return build_listener_tls(
-        index.select,
-        index.groups(),
-        material,
-        POLICIES[listener.security_policy],
-        alpn=("h2", "http/1.1") if listener.http2 else ("http/1.1",),
-        client_ca_pem=client_ca_pem,
-        covers=group_covers,
-    )
+    return group_covers
 
 
 def health_checks(config: Config) -> dict[str, CheckSpec]:

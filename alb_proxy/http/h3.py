@@ -24,7 +24,7 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StreamReset
 
-from alb_proxy.http.fields import Refusal, error_response, request_from_fields
+from alb_proxy.http.fields import Refusal, error_response, host_of, request_from_fields
 from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
 from alb_proxy.observability.log import event
 
@@ -60,6 +60,9 @@ class H3Protocol(QuicConnectionProtocol):
         ConnectionControl.current_route)."""
         self._send_buffered = send_buffered
         self._send_goaway = send_goaway
+        self.authority_ok: Callable[[str], bool] = lambda host: True
+        """Set once the ClientHello is read: may a request for this host use the connection
+        (421 if not, as on HTTP/2)?"""
         self.on_closed: Callable[[], None] = lambda: None
         """Called once when the connection ends (the listener's per-source accounting)."""
         self._h3: H3Connection | None = None
@@ -252,6 +255,10 @@ class _Stream:
         )
         if isinstance(request, Refusal):
             self._answer_sync(request.status, request.detail)
+            return None
+        host = host_of(request.headers[0][1])
+        if not self.protocol.authority_ok(host):
+            self._answer_sync(421, f"this connection's certificate does not cover {host}")
             return None
         return request
 

@@ -9,6 +9,7 @@ turns its answer into aioquic's certificate objects.
 from __future__ import annotations
 
 import asyncio
+import functools
 import socket
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
@@ -35,6 +36,7 @@ from alb_proxy.listeners.quic_internals import (
 )
 from alb_proxy.listeners.sockets import Address
 from alb_proxy.observability.metrics import Metrics
+from alb_proxy.tls.contexts import authority_ok
 
 MAX_CONNECTIONS_PER_SOURCE = 256
 """New QUIC connections from one address beyond this are dropped (Initial flood guard)."""
@@ -64,6 +66,11 @@ class QuicCertificates:
 
     select_ids: Callable[[str | None], tuple[str, ...]]
     by_id: Mapping[str, QuicCertificate]
+    covers: Callable[[tuple[str, ...], str], bool] = lambda group, host: True
+    """Whether the certificates of an SNI group cover a host name (see ListenerTls.covers)."""
+
+    def authority_ok(self, server_name: str | None, host: str) -> bool:
+        return authority_ok(self.select_ids, self.covers, server_name, host)
 
     def choose(self, server_name: str | None, sigalgs: Sequence[int]) -> tuple[Any, Any, Any]:
         group = [self.by_id[cert_id] for cert_id in self.select_ids(server_name)]
@@ -137,8 +144,17 @@ class QuicListener:
 
     def _connect(self, connection: QuicConnection, **kwargs: Any) -> H3Protocol:
         plan = self.plan  # the snapshot this connection keeps for its life
-        install_sni_hook(connection, plan.certificates.choose)
         protocol_of: list[H3Protocol] = []
+
+        def choose(server_name: str | None, sigalgs: Sequence[int]) -> tuple[Any, Any, Any]:
+            if protocol_of:
+                certificates = plan.certificates
+                protocol_of[0].authority_ok = functools.partial(
+                    certificates.authority_ok, server_name
+                )
+            return plan.certificates.choose(server_name, sigalgs)
+
+        install_sni_hook(connection, choose)
         hold_stream_credit(
             connection,
             lambda stream_id: protocol_of[0].held(stream_id) if protocol_of else 0,

@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from alb_proxy.certs.sni import is_host_name
 from alb_proxy.errors import CertificateError
 from alb_proxy.tls.clienthello import ClientHello
 from alb_proxy.tls.policies import TlsPolicy, apply_policy
@@ -45,14 +46,24 @@ class ListenerTls:
         return self.contexts[self.select_ids(hello.server_name if hello is not None else None)]
 
     def authority_ok(self, server_name: str | None, host: str) -> bool:
-        """May a request for ``host`` use a connection set up for ``server_name``?
+        return authority_ok(self.select_ids, self.covers, server_name, host)
 
-        A request for the very name the client connected with (or on a connection without
-        SNI) is that client's own choice; a request for another name is a coalesced one, and
-        is served only if the connection's certificate covers it."""
-        if server_name is None or _same_name(server_name, host):
-            return True
-        return self.covers(self.select_ids(server_name), host)
+
+def authority_ok(
+    select_ids: Callable[[str | None], tuple[str, ...]],
+    covers: Callable[[tuple[str, ...], str], bool],
+    server_name: str | None,
+    host: str,
+) -> bool:
+    """May a request for ``host`` use a connection set up for ``server_name``? (HTTP/2 and
+    HTTP/3 answer 421 when not.)
+
+    A request for the very name the client connected with (or on a connection without SNI) is
+    that client's own choice; a request for another name is a coalesced one, and is served only
+    if the connection's certificate covers it."""
+    if server_name is None or not is_host_name(server_name) or _same_name(server_name, host):
+        return True  # an IP literal as SNI (some clients send one) names nothing either
+    return covers(select_ids(server_name), host)
 
 
 def _same_name(a: str, b: str) -> bool:
