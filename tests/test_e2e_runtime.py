@@ -866,3 +866,18 @@ def test_a_removed_server_gets_no_request_from_an_old_keep_alive_connection(
     finally:
         old.close()
         replacement.close()
+
+
+def test_a_renamed_listener_keeps_its_port(env: tuple[Proxy, Api, Any]) -> None:
+    """The socket passes to the listener's new name (a second bind of the address would
+    fail); the old name drains as a deleted listener does."""
+    proxy, api, _ = env
+    port = proxy.port("web")
+    before = served_fingerprint(port, "site.example.test")
+    config = api.ok("GET", "/v1/config")["config"]
+    config["listeners"][0]["name"] = "edge"
+    status, payload = api.call("PUT", "/v1/config", config)
+    assert status == 200, payload
+    assert api.ok("GET", "/v1/listeners/edge")["bound_port"] == port
+    assert served_fingerprint(port, "site.example.test") == before
+    assert [x["name"] for x in api.ok("GET", "/v1/listeners")["listeners"]] == ["edge"]

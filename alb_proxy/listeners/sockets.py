@@ -82,12 +82,26 @@ class ListenerSockets:
 
     def stage(self, wanted: Mapping[str, Address]) -> dict[str, BoundSet]:
         table: dict[str, BoundSet] = {}
+        for name, address in wanted.items():
+            kept = self.current.get(name)
+            if kept is not None and kept.address == address:
+                table[name] = kept
+        # A socket whose listener no longer wants it goes to a new listener on the same address:
+        # a renamed listener, or two that swapped ports, keep serving (binding a second socket
+        # on an address still held would fail).
+        spare = {
+            bound.address: bound
+            for name, bound in self.current.items()
+            if table.get(name) is not bound
+        }
         fresh: list[BoundSet] = []
         try:
             for name, address in wanted.items():
-                kept = self.current.get(name)
-                if kept is not None and kept.address == address:
-                    table[name] = kept
+                if name in table:
+                    continue
+                reused = spare.pop(address, None)
+                if reused is not None:
+                    table[name] = reused
                     continue
                 bound = self._bind(name, address)
                 fresh.append(bound)
