@@ -4,9 +4,10 @@ connection; reports the certificate the server sent (by SHA-256 fingerprint)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import ssl
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 
 from aioquic.asyncio.client import connect
@@ -110,17 +111,24 @@ def client_configuration(
     )
 
 
+@contextlib.asynccontextmanager
+async def h3_connect(port: int, server_name: str | None) -> AsyncIterator[H3Client]:
+    """An HTTP/3 connection to the proxy on 127.0.0.1, offering ``server_name`` as SNI."""
+    async with connect(
+        "127.0.0.1",
+        port,
+        configuration=client_configuration(server_name),
+        create_protocol=H3Client,
+    ) as client:
+        assert isinstance(client, H3Client)
+        yield client
+
+
 def h3_get(
     port: int, server_name: str | None, path: str = "/", headers: Sequence[tuple[bytes, bytes]] = ()
 ) -> tuple[H3Response, str]:
     async def run() -> tuple[H3Response, str]:
-        async with connect(
-            "127.0.0.1",
-            port,
-            configuration=client_configuration(server_name),
-            create_protocol=H3Client,
-        ) as client:
-            assert isinstance(client, H3Client)
+        async with h3_connect(port, server_name) as client:
             response = await client.request("GET", path, server_name or "localhost", headers)
             return response, client.peer_fingerprint
 

@@ -18,7 +18,7 @@ import pytest
 from aioquic.asyncio.client import connect
 from certfactory import make_ca
 from conftest import Pki
-from h3client import H3Client, client_configuration, h3_get
+from h3client import H3Client, client_configuration, h3_connect, h3_get
 from harness import Backend, Proxy, run_cli, start_proxy, write_config
 from test_e2e_runtime import api_of, server_pem, upload
 
@@ -106,13 +106,7 @@ def test_streamed_post_reaches_the_backend_intact(proxy: Proxy) -> None:
     chunks = [os.urandom(50_000) for _ in range(40)]
 
     async def run() -> dict[str, Any]:
-        async with connect(
-            "127.0.0.1",
-            proxy.port("q"),
-            configuration=client_configuration("exact.example.test"),
-            create_protocol=H3Client,
-        ) as client:
-            assert isinstance(client, H3Client)
+        async with h3_connect(proxy.port("q"), "exact.example.test") as client:
             response = await client.request("POST", "/upload", "exact.example.test", chunks=chunks)
             assert response.status == 200
             parsed: dict[str, Any] = json.loads(bytes(response.body))
@@ -167,13 +161,7 @@ def test_garbage_datagrams_do_not_disturb_a_request(proxy: Proxy) -> None:
     port = proxy.port("q")
 
     async def run() -> int:
-        async with connect(
-            "127.0.0.1",
-            port,
-            configuration=client_configuration("exact.example.test"),
-            create_protocol=H3Client,
-        ) as client:
-            assert isinstance(client, H3Client)
+        async with h3_connect(port, "exact.example.test") as client:
             pending = asyncio.ensure_future(
                 client.request("GET", "/?delay=0.5", "exact.example.test")
             )
@@ -240,13 +228,7 @@ def test_replaced_certificate_reaches_new_connections_while_open_ones_continue(
     new = server_pem(make_ca(), ["default.example.test"])
 
     async def run() -> tuple[str, str, int]:
-        async with connect(
-            "127.0.0.1",
-            port,
-            configuration=client_configuration("x.test"),
-            create_protocol=H3Client,
-        ) as old:
-            assert isinstance(old, H3Client)
+        async with h3_connect(port, "x.test") as old:
             assert (await old.request("GET", "/", "x.test")).status == 200
             new_id = await asyncio.to_thread(upload, api, "new", new)
             await asyncio.to_thread(
@@ -299,13 +281,7 @@ def test_quic_upgrade_must_cover_the_https_names(pki: Pki, tmp_path: Path) -> No
 
 async def _in_flight_then(port: int, interrupt: Any) -> tuple[int, bytes]:
     """A slow request in flight on a QUIC connection when ``interrupt()`` runs; its answer."""
-    async with connect(
-        "127.0.0.1",
-        port,
-        configuration=client_configuration("x.test"),
-        create_protocol=H3Client,
-    ) as client:
-        assert isinstance(client, H3Client)
+    async with h3_connect(port, "x.test") as client:
         slow = asyncio.ensure_future(client.request("GET", "/?delay=1", "x.test"))
         # Sent after the slow one on the same connection: once its answer is back, the
         # proxy holds the slow request too (loopback does not reorder datagrams).
@@ -412,13 +388,7 @@ def test_additional_certificates_come_and_go_over_quic(
 
 def test_request_trailers_end_an_http3_request(proxy: Proxy) -> None:
     async def run() -> dict[str, Any]:
-        async with connect(
-            "127.0.0.1",
-            proxy.port("q"),
-            configuration=client_configuration("exact.example.test"),
-            create_protocol=H3Client,
-        ) as client:
-            assert isinstance(client, H3Client)
+        async with h3_connect(proxy.port("q"), "exact.example.test") as client:
             response = await client.request(
                 "POST",
                 "/t",
@@ -444,13 +414,7 @@ def test_a_changed_idle_timeout_reaches_new_quic_connections(
     assert api.call("PUT", "/v1/config", config)[0] == 200
 
     async def run() -> None:
-        async with connect(
-            "127.0.0.1",
-            p.port("q"),
-            configuration=client_configuration("x.test"),
-            create_protocol=H3Client,
-        ) as client:
-            assert isinstance(client, H3Client)
+        async with h3_connect(p.port("q"), "x.test") as client:
             assert (await client.request("GET", "/", "x.test")).status == 200
             await asyncio.sleep(3)  # idle: what is under test is the server's idle timeout
             with pytest.raises(TimeoutError):  # the server has let the connection go
@@ -465,13 +429,7 @@ def test_a_changed_idle_timeout_reaches_new_quic_connections(
 
 def test_authority_not_covered_by_the_certificate_gets_421(proxy: Proxy) -> None:
     async def run() -> list[int]:
-        async with connect(
-            "127.0.0.1",
-            proxy.port("q"),
-            configuration=client_configuration("exact.example.test"),
-            create_protocol=H3Client,
-        ) as client:
-            assert isinstance(client, H3Client)
+        async with h3_connect(proxy.port("q"), "exact.example.test") as client:
             return [
                 (await client.request("GET", "/", authority)).status
                 for authority in ("exact.example.test", "default.example.test", "evil.example")
