@@ -321,6 +321,7 @@ def test_an_oversized_header_section_gets_431_and_the_connection_lives_on(proxy:
     client.wait(after)
     assert client.streams[after].status == 200 and not client.goaway
     client.close()
+    assert "request refused listener=h" in proxy.log and "status=431" in proxy.log
 
 
 def test_a_length_without_a_body_is_refused_not_forwarded(proxy: Proxy) -> None:

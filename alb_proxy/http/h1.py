@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 
 from alb_proxy.http import h1wire
-from alb_proxy.http.fields import error_response
+from alb_proxy.http.fields import error_response, logged_refusal
 from alb_proxy.http.forward import (
     BadRequestBody,
     ClientGone,
@@ -313,7 +313,7 @@ class H1Session:
             raise ClientGone()
         headers, body = error_response(status)
         headers.append((b"connection", b"close"))
-        if status >= 500 or status in (400, 431):
+        if logged_refusal(status):
             event(
                 logging.INFO,
                 "request refused",

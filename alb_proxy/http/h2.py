@@ -54,6 +54,7 @@ from alb_proxy.http.fields import (
     Refusal,
     error_response,
     host_of,
+    logged_refusal,
     request_from_fields,
 )
 from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
@@ -586,7 +587,7 @@ class _Stream:
     async def send_error(self, status: int, detail: str) -> None:
         if self._cancelled or self._sent_head:
             return
-        if status >= 500:
+        if logged_refusal(status):
             event(
                 logging.INFO,
                 "request refused",

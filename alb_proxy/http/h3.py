@@ -24,7 +24,13 @@ from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated, ProtocolNegotiated, QuicEvent, StreamReset
 
-from alb_proxy.http.fields import Refusal, error_response, host_of, request_from_fields
+from alb_proxy.http.fields import (
+    Refusal,
+    error_response,
+    host_of,
+    logged_refusal,
+    request_from_fields,
+)
 from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
 from alb_proxy.observability.log import event
 
@@ -314,7 +320,16 @@ class _Stream:
         self.protocol.transmit_soon()
 
     async def send_error(self, status: int, detail: str) -> None:
-        if status >= 500:
+        self._log_refusal(status, detail)
+        self._answer_sync(status, detail)
+
+    def abort(self) -> None:
+        if not self._cancelled:
+            self._cancelled = True
+            self.protocol.reset_stream(self.stream_id)
+
+    def _log_refusal(self, status: int, detail: str) -> None:
+        if logged_refusal(status):
             event(
                 logging.INFO,
                 "request refused",
@@ -323,16 +338,11 @@ class _Stream:
                 status=status,
                 detail=detail,
             )
-        self._answer_sync(status, detail)
-
-    def abort(self) -> None:
-        if not self._cancelled:
-            self._cancelled = True
-            self.protocol.reset_stream(self.stream_id)
 
     def _answer_sync(self, status: int, detail: str) -> None:
         if self._cancelled or self._sent_head:
             return
+        self._log_refusal(status, detail)
         headers, body = error_response(status)
         self.h3.send_headers(self.stream_id, [(b":status", b"%d" % status), *headers])
         self.h3.send_data(self.stream_id, body, end_stream=True)
