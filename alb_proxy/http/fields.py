@@ -136,13 +136,6 @@ def host_of(authority: bytes) -> str:
     return text.rsplit(":", 1)[0].lower() if ":" in text else text.lower()
 
 
-def logged_refusal(status: int) -> bool:
-    """Refusals an operator should see in the log, whatever the protocol: the proxy's own
-    failures (5xx) and requests it could not take (400, 431). Others (404-like answers, 421,
-    a client gone) are counted in metrics only."""
-    return status >= 500 or status in (400, 431)
-
-
 def error_response(status: int) -> tuple[list[Header], bytes]:
     """Headers and body of the short text answer the proxy gives itself."""
     phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else ""

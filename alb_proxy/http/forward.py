@@ -206,6 +206,21 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
                 group.finished(index)
 
 
+def log_refusal(route: RouteSettings, client_ip: str, status: int, detail: str) -> None:
+    """Log a refusal an operator should see, whatever the protocol: the proxy's own failures
+    (5xx) and requests it could not take (400, 431). Others (421, a client gone) are counted in
+    metrics only."""
+    if status >= 500 or status in (400, 431):
+        event(
+            logging.INFO,
+            "request refused",
+            listener=route.listener,
+            client=client_ip,
+            status=status,
+            detail=detail,
+        )
+
+
 async def _refuse(down: Downstream, route: RouteSettings, status: int, detail: str) -> None:
     route.metrics.request_answered(route.listener, status)
     await down.send_error(status, detail)

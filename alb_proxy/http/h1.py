@@ -18,19 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
 from alb_proxy.http import h1wire
-from alb_proxy.http.fields import error_response, logged_refusal
+from alb_proxy.http.fields import error_response
 from alb_proxy.http.forward import (
     BadRequestBody,
     ClientGone,
     ForwardRequest,
     RouteSettings,
     forward,
+    log_refusal,
 )
 from alb_proxy.http.h1wire import (
     BodyKind,
@@ -43,7 +43,6 @@ from alb_proxy.http.h1wire import (
 )
 from alb_proxy.http.headers import response_headers_for_client
 from alb_proxy.http.stream import Stream
-from alb_proxy.observability.log import event
 from alb_proxy.upstream.connection import BackendConnection
 
 _COALESCE_LIMIT = 64 * 1024
@@ -313,15 +312,7 @@ class H1Session:
             raise ClientGone()
         headers, body = error_response(status)
         headers.append((b"connection", b"close"))
-        if logged_refusal(status):
-            event(
-                logging.INFO,
-                "request refused",
-                listener=self.route.listener,
-                client=self.client_ip,
-                status=status,
-                detail=detail,
-            )
+        log_refusal(self.route, self.client_ip, status, detail)
         self._keep_alive = False
         self._head_sent = True
         self._write(h1wire.response_head(status, _phrase(status), headers) + body)

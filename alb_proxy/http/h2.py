@@ -54,10 +54,15 @@ from alb_proxy.http.fields import (
     Refusal,
     error_response,
     host_of,
-    logged_refusal,
     request_from_fields,
 )
-from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
+from alb_proxy.http.forward import (
+    ClientGone,
+    ForwardRequest,
+    RouteSettings,
+    forward,
+    log_refusal,
+)
 from alb_proxy.http.h1 import ConnectionControl
 from alb_proxy.observability.log import event
 
@@ -587,15 +592,7 @@ class _Stream:
     async def send_error(self, status: int, detail: str) -> None:
         if self._cancelled or self._sent_head:
             return
-        if logged_refusal(status):
-            event(
-                logging.INFO,
-                "request refused",
-                listener=self.route.listener,
-                client=self.session.client_ip,
-                status=status,
-                detail=detail,
-            )
+        log_refusal(self.route, self.session.client_ip, status, detail)
         headers, body = error_response(status)
         await self.send_head(status, headers, b"")
         await self.send_data(body)

@@ -28,10 +28,15 @@ from alb_proxy.http.fields import (
     Refusal,
     error_response,
     host_of,
-    logged_refusal,
     request_from_fields,
 )
-from alb_proxy.http.forward import ClientGone, ForwardRequest, RouteSettings, forward
+from alb_proxy.http.forward import (
+    ClientGone,
+    ForwardRequest,
+    RouteSettings,
+    forward,
+    log_refusal,
+)
 from alb_proxy.observability.log import event
 
 _SEND_HIGH_WATER = 1024 * 1024
@@ -320,7 +325,6 @@ class _Stream:
         self.protocol.transmit_soon()
 
     async def send_error(self, status: int, detail: str) -> None:
-        self._log_refusal(status, detail)
         self._answer_sync(status, detail)
 
     def abort(self) -> None:
@@ -328,21 +332,10 @@ class _Stream:
             self._cancelled = True
             self.protocol.reset_stream(self.stream_id)
 
-    def _log_refusal(self, status: int, detail: str) -> None:
-        if logged_refusal(status):
-            event(
-                logging.INFO,
-                "request refused",
-                listener=self.route.listener,
-                client=self.protocol.client_ip,
-                status=status,
-                detail=detail,
-            )
-
     def _answer_sync(self, status: int, detail: str) -> None:
         if self._cancelled or self._sent_head:
             return
-        self._log_refusal(status, detail)
+        log_refusal(self.route, self.protocol.client_ip, status, detail)
         headers, body = error_response(status)
         self.h3.send_headers(self.stream_id, [(b":status", b"%d" % status), *headers])
         self.h3.send_data(self.stream_id, body, end_stream=True)

@@ -99,6 +99,8 @@ class QuicListener:
         self.metrics = metrics
         self._transport: asyncio.DatagramTransport | None = None
         self._server: _GuardedServer | None = None
+        self._route_now: Callable[[], RouteSettings] = lambda: self._plan.route
+        """Each request's route (H3Protocol.current_route); made once, not per connection."""
 
     @property
     def plan(self) -> QuicPlan:
@@ -147,10 +149,9 @@ class QuicListener:
         protocol_of: list[H3Protocol] = []
 
         def choose(server_name: str | None, sigalgs: Sequence[int]) -> tuple[Any, Any, Any]:
-            if protocol_of:
-                certificates = plan.certificates
+            if protocol_of:  # the connection's requests are checked against the name it asked
                 protocol_of[0].authority_ok = functools.partial(
-                    certificates.authority_ok, server_name
+                    plan.certificates.authority_ok, server_name
                 )
             return plan.certificates.choose(server_name, sigalgs)
 
@@ -166,7 +167,7 @@ class QuicListener:
         protocol = H3Protocol(
             connection,
             route=plan.route,
-            current_route=lambda: self.plan.route,
+            current_route=self._route_now,
             send_buffered=stream_send_buffered,
             send_goaway=send_goaway,
             receive=receive,

@@ -13,6 +13,7 @@ import functools
 import logging
 import socket
 import ssl
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,6 +62,8 @@ class TcpListener:
         self._connections: dict[_Connection, ConnectionControl] = {}
         self._draining = False
         """Every connection this listener accepted that is still open."""
+        self._route_now: Callable[[], RouteSettings] = lambda: self.plan.route
+        """Each request's route (ConnectionControl.current_route); made once, not per accept."""
 
     @property
     def name(self) -> str:
@@ -73,7 +76,7 @@ class TcpListener:
 
     def _accept(self) -> asyncio.Protocol:
         accepted = self.plan
-        control = ConnectionControl(current_route=lambda: self.plan.route)
+        control = ConnectionControl(draining=self._draining, current_route=self._route_now)
         self.metrics.connections_total.labels(accepted.name).inc()
         if accepted.tls is None:
             return _H1Protocol(accepted, control, self.metrics, self._connections)
