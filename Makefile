@@ -5,21 +5,35 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/example.yaml
+SOURCES := pyproject.toml setup.py $(shell find alb_proxy -name '*.py')
 
 .PHONY: run test bench certs clean
 
-$(BIN)/alb-proxy: pyproject.toml
+$(BIN)/python:
 	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || { \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -qq && apt-get install -y -qq python3-venv; \
 	  else echo "make: $(PYTHON) has no venv support: install python3-venv" >&2; exit 1; fi; }
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e .
+
+# The package is installed, not linked: its hot modules are compiled with mypyc (setup.py), so
+# any change to the sources reinstalls it. Without a C compiler and Python's headers (and no
+# apt-get to fetch them) it is installed uncompiled; ALB_PROXY_PURE=1 asks for that.
+$(BIN)/alb-proxy: $(BIN)/python $(SOURCES)
+	@pure=$${ALB_PROXY_PURE:-0}; \
+	if [ "$$pure" = 0 ] && ! { command -v cc >/dev/null && $(BIN)/python -c \
+	    'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_path("include") + "/Python.h"))'; }; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq gcc python3-dev >/dev/null; \
+	  else echo "make: no C compiler or Python headers: installing alb-proxy uncompiled (slower)" >&2; pure=1; fi; \
+	fi; \
+	echo "$(BIN)/pip install ."; ALB_PROXY_PURE=$$pure $(BIN)/pip install -q .
 	@touch $@
 
-$(VENV)/.test-deps: $(BIN)/alb-proxy
-	$(BIN)/pip install -q -e '.[test]'
+$(VENV)/.test-deps: $(BIN)/python pyproject.toml
+	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"], sep="\n")' > $(VENV)/test-requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/test-requirements.txt
 	@touch $@
 
 certs/ca.pem: | $(BIN)/alb-proxy
@@ -39,7 +53,7 @@ run: $(BIN)/alb-proxy certs/ca.pem
 	echo; \
 	$(BIN)/alb-proxy run --config $(CONFIG)
 
-test: $(VENV)/.test-deps
+test: $(BIN)/alb-proxy $(VENV)/.test-deps
 	$(BIN)/ruff check alb_proxy tests
 	$(BIN)/mypy alb_proxy
 	$(BIN)/pytest -q

@@ -14,7 +14,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import NoReturn
 
-from alb_proxy import __version__, ctl
+from alb_proxy import __version__, build, ctl
 from alb_proxy.errors import AlbError, ConfigError
 
 DEFAULT_CONFIG = Path("configs/example.yaml")
@@ -57,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         prog="alb-proxy",
         description="TLS-termination edge proxy: a cloud load balancer listener, on one host",
     )
-    parser.add_argument("--version", action="version", version=f"alb-proxy {__version__}")
+    parser.add_argument(
+        "--version", action="version", version=f"alb-proxy {__version__} ({build()})"
+    )
     commands = parser.add_subparsers(metavar="COMMAND")
 
     run = commands.add_parser("run", help="run the proxy daemon")

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from alb_proxy import build
 from alb_proxy.config.dump import dump_config
 from alb_proxy.config.load import load_config, parse_config
 from alb_proxy.config.model import Admin, Config
@@ -206,6 +207,7 @@ class Daemon:
             listeners=len(self.sockets.current),
             workers=len(self.workers.pids) if self.workers else 1,
             generation=self.snapshot.generation,
+            build=build(),
         )
         self._notify("ready")
         watcher = asyncio.ensure_future(self._watch_expiry())

@@ -319,6 +319,7 @@ def scaling(work: Path, cert: Path, key: Path, ca: Path, duration: int, runs: in
         for workers in (1, 2):
             cmd = [
                 sys.executable,
+                "-P",  # the installed (compiled) package, not the source tree in the cwd
                 "-m",
                 "alb_proxy",
                 "run",
@@ -367,7 +368,7 @@ def main() -> int:
         print(f"missing tools: {', '.join(missing)} (make bench installs them)", file=sys.stderr)
         return 2
     work = Path(tempfile.mkdtemp(prefix="alb-bench-"))
-    sh(sys.executable, "-m", "alb_proxy", "certs", "dev", "--out", str(work / "certs"))
+    sh(sys.executable, "-P", "-m", "alb_proxy", "certs", "dev", "--out", str(work / "certs"))
     certs = work / "certs"
     keys = {
         "ecdsa": (certs / "site.pem", certs / "site.key"),
@@ -387,6 +388,7 @@ def main() -> int:
             confs = {
                 "alb-proxy": [
                     sys.executable,
+                    "-P",  # the installed (compiled) package, not the source tree in the cwd
                     "-m",
                     "alb_proxy",
                     "run",
@@ -440,12 +442,15 @@ def main() -> int:
     print(report)
     out = ROOT / "benchmarks" / "results" / f"{dt.date.today().isoformat()}.md"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(
+    build = sh(sys.executable, "-P", "-m", "alb_proxy", "--version").strip()
+    section = (
         f"# Benchmarks {dt.datetime.now().isoformat(timespec='minutes')}\n\n"
         f"`benchmarks/bench.py --duration {args.duration} --runs {args.runs}` on "
         f"{os.cpu_count()} CPUs (proxy on CPU {PROXY_CPU}, load on CPU {LOAD_CPU}); "
-        f"medians.\n\n{report}\n"
+        f"{build}; medians.\n\n{report}\n"
     )
+    earlier = out.read_text() + "\n" if out.exists() else ""  # a day's runs, oldest first
+    out.write_text(earlier + section)
     print(f"\nwritten to {out.relative_to(ROOT)}")
     return 0
 

@@ -43,7 +43,7 @@ def main() -> int:
     parser.add_argument("--upload-mib", type=int, default=200)
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="alb-bench-"))
-    cli = [sys.executable, "-m", "alb_proxy"]
+    cli = [sys.executable, "-P", "-m", "alb_proxy"]  # -P: the installed package, not the cwd
     subprocess.run(
         [*cli, "certs", "dev", "--out", str(work / "certs")], check=True, capture_output=True
     )

@@ -11,6 +11,30 @@ from certfactory import DAY, NOW, make_ca, make_server, write_pair, write_pem
 from cryptography.hazmat.primitives.serialization import Encoding
 from harness import Backend, fingerprint, start_demo_backend
 
+import alb_proxy
+
+SOURCES = Path(__file__).resolve().parent.parent / "alb_proxy"
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The suite tests the installed package (compiled, see setup.py), which ``make`` reinstalls
+    when a source changes: refuse to run against an install older than the sources."""
+    installed = Path(alb_proxy.__file__).resolve().parent
+    if installed == SOURCES:
+        return  # run from the source tree (an editable or uncompiled setup): nothing to compare
+    stale = [
+        str(source.relative_to(SOURCES))
+        for source in sorted(SOURCES.rglob("*.py"))
+        if not (copy := installed / source.relative_to(SOURCES)).exists()
+        or copy.read_bytes() != source.read_bytes()
+    ]
+    if stale:
+        pytest.exit(
+            f"the installed alb_proxy ({installed}) is older than the sources ({', '.join(stale)}):"
+            " run `make test`, which reinstalls it",
+            returncode=2,
+        )
+
 
 @pytest.fixture(scope="session")
 def demo_backend() -> Iterator[Backend]:

@@ -85,7 +85,9 @@ def request_from_fields(
     if misplaced:
         return Refusal(400, "unknown, repeated or misplaced pseudo-header (or a second host)")
     method, path = pseudo.get(b":method"), pseudo.get(b":path")
-    authority = pseudo.get(b":authority") or host
+    authority = pseudo.get(b":authority")
+    if not authority:
+        authority = host
     if not method or not path or not authority or method == b"CONNECT":
         return Refusal(400, "missing or unsupported pseudo-headers")
     if not pseudo.get(b":scheme"):

@@ -195,15 +195,14 @@ async def forward(request: ForwardRequest, down: Downstream, route: RouteSetting
             return outcome
         except _StaleConnection:
             conn.close()
-            if reused and retry_allowed and not fresh:
-                fresh = True
-                continue
-            route.metrics.upstream_errors_total.labels(group.id, "protocol").inc()
-            await _refuse(down, route, 502, f"{backend.address} closed the connection")
-            return Outcome(False)
+            if not (reused and retry_allowed and not fresh):
+                route.metrics.upstream_errors_total.labels(group.id, "protocol").inc()
+                await _refuse(down, route, 502, f"{backend.address} closed the connection")
+                return Outcome(False)
         finally:
             if not upgraded:
                 group.finished(index)
+        fresh = True  # retry once, on a new connection
 
 
 def log_refusal(route: RouteSettings, client_ip: str, status: int, detail: str) -> None:
@@ -245,26 +244,26 @@ async def _exchange(
         response = await _response_head(conn, upload, down, route.request_timeout)
         if response.status == 101 and not upgrade:
             raise WireError(502, "switched protocols unasked")
-    except BadRequestBody as exc:
+    except BadRequestBody as bad:
         await _abandon(conn, upload)
-        await _refuse(down, route, exc.status, exc.detail)
+        await _refuse(down, route, bad.status, bad.detail)
         return Outcome(False)
     except TimeoutError:
         await _abandon(conn, upload)
         route.metrics.upstream_errors_total.labels(route.group.id, "timeout").inc()
         await _refuse(down, route, 504, f"{conn.address} did not answer in time")
         return Outcome(False)
-    except (BackendClosed, ConnectionError) as exc:
+    except (BackendClosed, ConnectionError) as closed:
         await _abandon(conn, upload)
         if conn.bytes_received == 0:
-            raise _StaleConnection() from exc
+            raise _StaleConnection() from closed
         route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
-        await _refuse(down, route, 502, f"{conn.address}: {_describe(exc)}")
+        await _refuse(down, route, 502, f"{conn.address}: {_describe(closed)}")
         return Outcome(False)
-    except WireError as exc:
+    except WireError as garbage:
         await _abandon(conn, upload)
         route.metrics.upstream_errors_total.labels(route.group.id, "protocol").inc()
-        await _refuse(down, route, 502, f"{conn.address} answered garbage: {exc}")
+        await _refuse(down, route, 502, f"{conn.address} answered garbage: {garbage}")
         return Outcome(False)
     except BaseException:
         await _abandon(conn, upload)
@@ -377,13 +376,14 @@ async def _relay_response(
         # Answered before the body was read (e.g. 413): neither side can be reused.
         await _abandon(conn, upload)
         return Outcome(False)
-    if upload is not None and upload.exception() is not None:
+    failure = upload.exception() if upload is not None else None
+    if failure is not None:
         event(
             logging.WARNING,
             "request body not forwarded",
             listener=route.listener,
             server=conn.address,
-            error=_describe(upload.exception() or Exception()),
+            error=_describe(failure),
         )
         conn.close()
         return Outcome(False)

@@ -21,6 +21,7 @@ import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import Final
 
 from alb_proxy.http import h1wire
 from alb_proxy.http.fields import error_response
@@ -66,10 +67,10 @@ class ConnectionControl:
 
 
 class _Framing:
-    NONE = 0
-    LENGTH = 1
-    CHUNKED = 2
-    UNTIL_CLOSE = 3
+    NONE: Final = 0
+    LENGTH: Final = 1
+    CHUNKED: Final = 2
+    UNTIL_CLOSE: Final = 3
 
 
 class H1Session:
@@ -239,12 +240,12 @@ class H1Session:
         loop = asyncio.get_running_loop()
         try:
             ev = await self._next_event(loop.time() + self.route.idle_timeout)
-        except TimeoutError as exc:
-            raise ClientGone() from exc  # stalled mid-body: give up on this client
-        except WireError as exc:
+        except TimeoutError as stalled:
+            raise ClientGone() from stalled  # stalled mid-body: give up on this client
+        except WireError as bad:
             if self.stream.at_eof:
-                raise ClientGone() from exc  # the client left mid-body: nobody to answer
-            raise BadRequestBody(exc.status, exc.detail) from exc
+                raise ClientGone() from bad  # the client left mid-body: nobody to answer
+            raise BadRequestBody(bad.status, bad.detail) from bad
         if isinstance(ev, Data):
             return ev.data
         if isinstance(ev, End):

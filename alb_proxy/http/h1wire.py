@@ -219,6 +219,11 @@ class _Reader:
                 self._error = WireError(self._too_large, f"head over {self._max_head} bytes")
                 raise self._error
 
+    def _refusal(self, parse_error: WireError) -> WireError:
+        """What to raise when llhttp stopped: the reason a callback found, if one did (a
+        callback stops llhttp by raising), else llhttp's own."""
+        return self._error if self._error is not None else parse_error
+
     def _head_too_large(self) -> bool:
         if self._head_size <= self._max_head:
             return False
@@ -280,10 +285,10 @@ class RequestReader(_Reader):
         began_in_head = self._in_head
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
+        except httptools.HttpParserUpgrade as upgrade:
             if self._error is not None:
                 raise self._error from None
-            rest = data[exc.args[0] :]
+            rest = data[upgrade.args[0] :]
             if self._websocket:
                 self._held = rest
                 self._events.append(Switched(rest))
@@ -291,9 +296,9 @@ class RequestReader(_Reader):
                 self._not_an_upgrade(rest)
             return
         except httptools.HttpParserInvalidMethodError:
-            raise self._error or WireError(501, "unknown request method") from None
+            raise self._refusal(WireError(501, "unknown request method")) from None
         except httptools.HttpParserError as exc:
-            raise self._error or WireError(400, str(exc) or "malformed request") from None
+            raise self._refusal(WireError(400, str(exc) or "malformed request")) from None
         self._after_feed(len(data), began_in_head)
 
     def _not_an_upgrade(self, rest: bytes) -> None:
@@ -423,15 +428,15 @@ class ResponseReader(_Reader):
         began_in_head = self._in_head
         try:
             self._parser.feed_data(data)
-        except httptools.HttpParserUpgrade as exc:
-            self._events.append(Switched(data[exc.args[0] :]))
+        except httptools.HttpParserUpgrade as upgrade:
+            self._events.append(Switched(data[upgrade.args[0] :]))
             self.spoiled = True  # never HTTP/1.1 again
             return
         except httptools.HttpParserError as exc:
             if self._complete:
                 self.spoiled = True  # garbage after a complete response: its own problem
                 return
-            raise self._error or WireError(502, str(exc) or "malformed response") from None
+            raise self._refusal(WireError(502, str(exc) or "malformed response")) from None
         self._after_feed(len(data), began_in_head)
 
     def eof(self) -> bool:

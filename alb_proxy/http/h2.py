@@ -259,7 +259,7 @@ class H2Session:
                 client=self.client_ip,
                 buffered=self.writer.transport.get_write_buffer_size(),
             )
-            self._send_timeout = 0
+            self._send_timeout = 0.0
             return False
         return True
 
@@ -317,7 +317,9 @@ class H2Session:
                 return
             if self.control.current_route is not None:
                 self.route = self.control.current_route()  # the group as it is now
-            stream = _Stream(self, ev.stream_id, ev.headers or [], ev.stream_ended is not None)
+            stream = _Stream(
+                self, ev.stream_id, ev.headers if ev.headers else [], ev.stream_ended is not None
+            )
             self.streams[ev.stream_id] = stream
             self._pending[ev.stream_id] = stream
         elif isinstance(ev, h2.events.DataReceived):
@@ -326,11 +328,11 @@ class H2Session:
                 # Body for a stream we already answered: give the window back, drop the bytes.
                 self.conn.acknowledge_received_data(ev.flow_controlled_length, ev.stream_id)
             else:
-                found.feed(ev.data or b"", ev.flow_controlled_length)
+                found.feed(ev.data if ev.data else b"", ev.flow_controlled_length)
         elif isinstance(ev, h2.events.TrailersReceived):
             found = self.streams.get(ev.stream_id)
             if found is not None:
-                found.request_trailers = list(ev.headers or [])
+                found.request_trailers = list(ev.headers) if ev.headers else []
         elif isinstance(ev, h2.events.StreamEnded):
             found = self.streams.get(ev.stream_id)
             if found is not None:

@@ -163,7 +163,8 @@ def _tls_facts(
     (the dict form of getpeercert() can be empty: read the DER)."""
     if sslobj is None:
         return []
-    metrics.handshakes_total.labels(plan.name, sslobj.version() or "-").inc()
+    version = sslobj.version()
+    metrics.handshakes_total.labels(plan.name, version if version else "-").inc()
     if plan.client_cert_headers:
         der = sslobj.getpeercert(binary_form=True)
         if der is not None:
