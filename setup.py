@@ -25,11 +25,14 @@ COMPILED = [
     "alb_proxy/http/headers.py",
     "alb_proxy/http/stream.py",
     "alb_proxy/listeners/tcp.py",
+    "alb_proxy/observability/metrics.py",
     "alb_proxy/tls/clientcert.py",
     "alb_proxy/tls/clienthello.py",
     "alb_proxy/tls/connection.py",
     "alb_proxy/tls/contexts.py",
     "alb_proxy/upstream/connection.py",
+    "alb_proxy/upstream/group.py",
+    "alb_proxy/upstream/health.py",
     "alb_proxy/upstream/pool.py",
 ]
 

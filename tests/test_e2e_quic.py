@@ -302,6 +302,7 @@ def test_sigterm_lets_http3_requests_in_flight_finish(
             _in_flight_then(p.port("q"), lambda: p.proc.send_signal(signal.SIGTERM))
         )
         assert status == 200 and json.loads(body)["query"] == "delay=1"
+        assert p.proc.wait(timeout=30) == 0  # stopping already: no second signal
     finally:
         assert p.stop() == 0
     assert "drain timeout" not in p.log

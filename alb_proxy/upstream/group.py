@@ -39,7 +39,7 @@ class GroupRuntime:
         self.id = group_id
         self.backends = tuple(backends)
         self.connect_timeout = connect_timeout
-        self.registry = registry or HealthRegistry()
+        self.registry = registry if registry is not None else HealthRegistry()
         addresses = [b.address for b in self.backends]
         self._scheduler = make_scheduler(
             scheduler,

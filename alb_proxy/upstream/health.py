@@ -175,18 +175,19 @@ async def check_once(host: str, port: int, spec: CheckSpec) -> str | None:
             reader, writer = await asyncio.open_connection(host, port)
             if spec.protocol == "tcp":
                 return None
-            status = await _read_status(reader, writer, spec, spec.host or _host_header(host, port))
+            host_header = spec.host if spec.host else _host_header(host, port)
+            status = await _read_status(reader, writer, spec, host_header)
     except TimeoutError:
         return f"timeout after {spec.timeout:g}s"
     except ConnectionRefusedError:
         return "connect refused"
-    except OSError as exc:
+    except OSError as broken:
         stage = "connect failed" if writer is None else "connection error"
-        return f"{stage}: {exc.strerror or exc}"
-    except _CheckFailed as exc:
-        return str(exc)
-    except h11.RemoteProtocolError as exc:
-        return f"bad response: {exc}"
+        return f"{stage}: {broken.strerror if broken.strerror else broken}"
+    except _CheckFailed as failed:
+        return str(failed)
+    except h11.RemoteProtocolError as bad:
+        return f"bad response: {bad}"
     except Exception as exc:  # a check never raises: whatever went wrong is a failed check
         return f"check error: {type(exc).__name__}: {exc}"
     finally:
@@ -205,7 +206,8 @@ async def _read_status(
     conn = h11.Connection(h11.CLIENT)
     headers = [("Host", host), ("User-Agent", USER_AGENT), ("Connection", "close")]
     request = h11.Request(method=spec.method, target=spec.path, headers=headers)
-    writer.write((conn.send(request) or b"") + (conn.send(h11.EndOfMessage()) or b""))
+    head, end = conn.send(request), conn.send(h11.EndOfMessage())
+    writer.write((head if head else b"") + (end if end else b""))
     while True:
         event = conn.next_event()
         if event is h11.NEED_DATA:
@@ -323,7 +325,11 @@ class HealthRegistry:
             known = self._states.get(address)
             if known is not None and known.spec == spec and known.task and not known.task.done():
                 continue
-            state = known or self._states.setdefault(address, _State(Thresholds(1, 1)))
+            state = (
+                known
+                if known is not None
+                else self._states.setdefault(address, _State(Thresholds(1, 1)))
+            )
             self._stop_task(state)
             if state.cooldown is not None:
                 state.cooldown.cancel()
