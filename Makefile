@@ -6,6 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 CONFIG ?= configs/example.yaml
 SOURCES := pyproject.toml setup.py $(shell find alb_proxy -name '*.py')
+# Requirements listed in pyproject.toml, one per line: $(call requirements,["dependencies"])
+requirements = $(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]$(1), sep="\n")'
 
 .PHONY: run test bench certs clean
 
@@ -21,6 +23,8 @@ $(BIN)/python:
 # any change to the sources reinstalls it. Without a C compiler and Python's headers (and no
 # apt-get to fetch them) it is installed uncompiled; ALB_PROXY_PURE=1 asks for that.
 $(BIN)/alb-proxy: $(BIN)/python $(SOURCES)
+	$(call requirements,["dependencies"]) > $(VENV)/requirements.txt
+	$(BIN)/pip install -q -r $(VENV)/requirements.txt  # first: mypyc type-checks against them
 	@pure=$${ALB_PROXY_PURE:-0}; \
 	if [ "$$pure" = 0 ] && ! { command -v cc >/dev/null && $(BIN)/python -c \
 	    'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_path("include") + "/Python.h"))'; }; then \
@@ -32,7 +36,7 @@ $(BIN)/alb-proxy: $(BIN)/python $(SOURCES)
 	@touch $@
 
 $(VENV)/.test-deps: $(BIN)/python pyproject.toml
-	$(BIN)/python -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["test"], sep="\n")' > $(VENV)/test-requirements.txt
+	$(call requirements,["optional-dependencies"]["test"]) > $(VENV)/test-requirements.txt
 	$(BIN)/pip install -q -r $(VENV)/test-requirements.txt
 	@touch $@
 

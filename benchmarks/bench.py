@@ -39,7 +39,7 @@ BODY = "x" * 100
 PROXY_CPU, LOAD_CPU = "0", "1"
 PORTS = {"backend": 18080, "tls": 18443, "mtls": 18444, "quic": 18443}
 TESTS = ("keepalive", "handshake_rsa", "handshake_ecdsa", "resumed", "h2", "mtls", "idle_rss", "h3")
-EXTRA = ("scaling",)
+EXTRA = ("scaling", "ceiling")
 
 
 def sh(*cmd: str, cpu: str | None = None, timeout: float = 600) -> str:
@@ -350,6 +350,30 @@ def scaling(work: Path, cert: Path, key: Path, ca: Path, duration: int, runs: in
     return "\n".join(lines)
 
 
+def ceiling(work: Path, cert: Path, key: Path, ca: Path, duration: int, runs: int) -> str:
+    """Keep-alive requests/s of two bare Python relays (``bare_relay.py``: TLS, llhttp both
+    ways, nothing else) beside HAProxy, pinned as in the main table: the most a Python proxy
+    gets on this machine, over alb-proxy's TLS layer and over uvloop's built-in one."""
+    relay = [sys.executable, "-P", str(ROOT / "benchmarks/bare_relay.py")]
+    where = ["--port", str(PORTS["tls"]), "--backend", str(PORTS["backend"])]
+    pair = ["--cert", str(cert), "--key", str(key)]
+    servers = {
+        "HAProxy": ["haproxy", "-f", str(write_haproxy_conf(work, cert, key, ca))],
+        "bare relay, uvloop's TLS": [*relay, "--tls", "uvloop", *where, *pair],
+        "bare relay, alb-proxy's TLS layer": [*relay, "--tls", "memorybio", *where, *pair],
+    }
+    figures: dict[str, list[float]] = {}
+    for _ in range(runs):
+        for name, cmd in servers.items():
+            with running(cmd, PROXY_CPU, PORTS["tls"], name):
+                time.sleep(0.5)
+                figures.setdefault(name, []).append(keepalive(duration)["req/s"])
+    med = {name: statistics.median(values) for name, values in figures.items()}
+    lines = ["| server (one core) | keep-alive req/s | ÷ HAProxy |", "|---|---|---|"]
+    lines += [f"| {n} | {v:.0f} | {v / med['HAProxy']:.2f}x |" for n, v in med.items()]
+    return "\n".join(lines)
+
+
 # -- driving ----------------------------------------------------------------------------------
 
 
@@ -437,6 +461,14 @@ def main() -> int:
             ["nginx", "-c", str(write_backend_conf(work))], None, PORTS["backend"], "backend"
         ):
             report += "\n\n" + scaling(
+                work, cert, key, certs / "client-ca.pem", args.duration, args.runs
+            )
+    if "ceiling" in only:
+        cert, key = keys["ecdsa"]
+        with running(
+            ["nginx", "-c", str(write_backend_conf(work))], LOAD_CPU, PORTS["backend"], "backend"
+        ):
+            report += "\n\n" + ceiling(
                 work, cert, key, certs / "client-ca.pem", args.duration, args.runs
             )
     print(report)

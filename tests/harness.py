@@ -151,6 +151,7 @@ def start_proxy(
         proc = subprocess.Popen(
             [
                 sys.executable,
+                "-P",  # the installed package, whatever the working directory holds
                 "-m",
                 "alb_proxy",
                 "run",
@@ -183,7 +184,7 @@ def run_cli(
     *args: str, cwd: Path | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "alb_proxy", *args],
+        [sys.executable, "-P", "-m", "alb_proxy", *args],
         capture_output=True,
         text=True,
         cwd=cwd,

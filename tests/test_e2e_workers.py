@@ -87,6 +87,22 @@ def _get(port: int) -> int:
         return int(tls.recv(64).split(b" ")[1])
 
 
+def test_workers_run_the_package_their_daemon_runs(tmp_path: Path, demo_backend: Backend) -> None:
+    """Not an ``alb_proxy`` in the working directory: ``make run`` starts the daemon in the
+    source tree, with the package installed (compiled) in the virtualenv."""
+    decoy = tmp_path / "alb_proxy"
+    decoy.mkdir()
+    for name in ("__init__.py", "__main__.py"):
+        (decoy / name).write_text("raise SystemExit('decoy alb_proxy imported')\n")
+    proxy = start_proxy(tmp_path, _config(tmp_path, demo_backend.port, make_ca("decoy root")))
+    try:
+        assert len(proxy.workers) == 2
+        assert {_get(proxy.port("web")) for _ in range(6)} == {200}
+    finally:
+        proxy.stop()
+    assert "decoy" not in proxy.log
+
+
 def test_two_workers_serve_every_listener_and_share_the_connections(
     env: tuple[Proxy, Api, Any],
 ) -> None:

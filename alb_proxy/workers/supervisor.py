@@ -24,13 +24,17 @@ import asyncio
 import base64
 import itertools
 import logging
+import os
 import socket
 import sys
+import sysconfig
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+import alb_proxy
 from alb_proxy.errors import AlbError
 from alb_proxy.listeners.sockets import BoundSet
 from alb_proxy.observability.log import event
@@ -177,6 +181,7 @@ class Workers:
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
+                "-P",  # not the working directory's alb_proxy: the one this process runs
                 "-m",
                 "alb_proxy",
                 "worker",
@@ -190,6 +195,7 @@ class Workers:
                 str(self._drain_timeout),
                 pass_fds=(theirs.fileno(),),
                 stdin=asyncio.subprocess.DEVNULL,
+                env=_worker_environment(),
             )
         except BaseException:
             ours.close()
@@ -331,3 +337,16 @@ class Workers:
         task: asyncio.Task[None] = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _worker_environment() -> dict[str, str]:
+    """The environment a worker starts with: it must import the alb_proxy this process imported
+    (the installed, compiled package; or a source tree run as ``python -m alb_proxy``), not
+    whatever its working directory holds. ``-P`` keeps the working directory off its path; a
+    package outside the interpreter's site directories has its parent put first."""
+    env = dict(os.environ)
+    root = str(Path(alb_proxy.__file__).resolve().parent.parent)
+    site = {str(Path(sysconfig.get_path(name)).resolve()) for name in ("purelib", "platlib")}
+    if root not in site:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    return env
