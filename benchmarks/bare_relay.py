@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import ssl
+from collections.abc import Callable
 from typing import cast
 
 import httptools
@@ -107,25 +108,30 @@ class _Front(asyncio.Protocol):
             self.backend.transport.close()
 
 
+async def tls_server(
+    kind: str, context: ssl.SSLContext, app: Callable[[], asyncio.Protocol], port: int
+) -> asyncio.Server:
+    """A server on 127.0.0.1:``port`` handing plaintext to ``app()``, its TLS done by
+    alb-proxy's layer (``memorybio``) or else by uvloop's built-in transport."""
+    loop = asyncio.get_running_loop()
+    if kind != "memorybio":
+        return await loop.create_server(app, "127.0.0.1", port, ssl=context)
+    return await loop.create_server(
+        lambda: TlsServerProtocol(
+            select_context=lambda hello: context,
+            app_factory=lambda alpn: app(),
+            on_failure=lambda failure: None,
+        ),
+        "127.0.0.1",
+        port,
+    )
+
+
 async def serve(tls: str, port: int, backend_port: int, cert: str, key: str) -> None:
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["http/1.1"])
-    loop = asyncio.get_running_loop()
-    if tls == "uvloop":
-        server = await loop.create_server(
-            lambda: _Front(backend_port), "127.0.0.1", port, ssl=context
-        )
-    else:
-        server = await loop.create_server(
-            lambda: TlsServerProtocol(
-                select_context=lambda hello: context,
-                app_factory=lambda alpn: _Front(backend_port),
-                on_failure=lambda failure: None,
-            ),
-            "127.0.0.1",
-            port,
-        )
+    server = await tls_server(tls, context, lambda: _Front(backend_port), port)
     await server.serve_forever()
 
 

@@ -67,26 +67,13 @@ class _Sender(asyncio.Protocol):
 
 def serve(kind: str, port_file: str, certs: Path, size: int) -> None:
     import uvloop
-
-    from alb_proxy.tls.connection import TlsServerProtocol
+    from bare_relay import tls_server  # this script's directory is on sys.path
 
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.load_cert_chain(certs / "site.pem", certs / "site.key")
 
     async def main() -> None:
-        loop = asyncio.get_running_loop()
-        if kind == "memorybio":
-            server = await loop.create_server(
-                lambda: TlsServerProtocol(
-                    select_context=lambda hello: ctx,
-                    app_factory=lambda alpn: _Sender(size),
-                    on_failure=lambda failure: None,
-                ),
-                "127.0.0.1",
-                0,
-            )
-        else:
-            server = await loop.create_server(lambda: _Sender(size), "127.0.0.1", 0, ssl=ctx)
+        server = await tls_server(kind, ctx, lambda: _Sender(size), 0)
         Path(port_file).write_text(str(server.sockets[0].getsockname()[1]))
         await asyncio.Event().wait()
 
