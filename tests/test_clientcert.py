@@ -49,3 +49,19 @@ def test_serial_is_hex_in_whole_bytes_like_openssl() -> None:
     assert _whole_bytes_hex(0x10B802) == b"10b802"
     assert _whole_bytes_hex(0xB802) == b"b802"
     assert _whole_bytes_hex(0xAB802) == b"0ab802"
+
+
+def test_a_remembered_certificate_gives_its_own_headers_in_a_fresh_list() -> None:
+    ca = make_ca("Issuer CA")
+    a, b = (
+        make_client(
+            ca, subject=x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        ).cert.public_bytes(Encoding.DER)
+        for cn in ("a", "b")
+    )
+    first = client_cert_headers(a, HEADER_NAMES)
+    first.clear()  # the caller's to keep: emptying it must not reach the next connection
+    for der, cn in ((a, b"CN=a"), (b, b"CN=b"), (a, b"CN=a")):
+        assert (
+            dict(client_cert_headers(der, HEADER_NAMES))[b"x-forwarded-clientcert-subjectdn"] == cn
+        )

@@ -8,6 +8,7 @@ value may carry only visible ASCII safely, every byte of the UTF-8 form outside 
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 
@@ -46,9 +47,16 @@ def _whole_bytes_hex(number: int) -> bytes:
 
 def client_cert_headers(der: bytes, enabled: Sequence[str]) -> list[tuple[bytes, bytes]]:
     """Headers for a client certificate that passed verification (hence ``SUCCESS``)."""
+    return list(_headers(der, tuple(enabled)))
+
+
+@functools.lru_cache(maxsize=1024)
+def _headers(der: bytes, enabled: tuple[str, ...]) -> tuple[tuple[bytes, bytes], ...]:
+    """Remembered per certificate: clients reconnect with the same few certificates, and
+    parsing and formatting one (about 50 µs) is a few percent of a mutual-TLS handshake."""
     # OpenSSL has already verified it; a quirk cryptography merely warns about (a serial
     # that is not positive) must not spill a warning per connection.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CryptographyDeprecationWarning)
         cert = x509.load_der_x509_certificate(der)
-    return [(f"{HEADER_PREFIX}{name}".encode(), _VALUES[name](cert)) for name in enabled]
+    return tuple((f"{HEADER_PREFIX}{name}".encode(), _VALUES[name](cert)) for name in enabled)
