@@ -48,14 +48,17 @@ certs: certs/ca.pem
 run: $(BIN)/alb-proxy certs/ca.pem
 	@$(BIN)/alb-proxy run --config $(CONFIG) --check
 	@$(BIN)/alb-proxy demo-backend --port 8081 & backend=$$!; \
-	trap 'kill $$backend 2>/dev/null' EXIT INT TERM; \
+	trap 'kill $$backend 2>/dev/null' EXIT; \
 	echo; \
 	echo "Try:  curl --cacert certs/ca.pem --resolve site.example.test:8443:127.0.0.1 https://site.example.test:8443/"; \
 	echo "      openssl s_client -connect 127.0.0.1:8443 -servername api.example.test -CAfile certs/ca.pem </dev/null"; \
 	echo "      curl --cacert certs/ca.pem --cert certs/client.pem --key certs/client.key --resolve site.example.test:8444:127.0.0.1 https://site.example.test:8444/"; \
 	echo "      curl http://127.0.0.1:8080/"; \
 	echo; \
-	$(BIN)/alb-proxy run --config $(CONFIG)
+	$(BIN)/alb-proxy run --config $(CONFIG) & proxy=$$!; \
+	trap 'kill -TERM $$proxy 2>/dev/null' INT TERM; \
+	while kill -0 $$proxy 2>/dev/null; do wait $$proxy; status=$$?; done; \
+	exit $$status
 
 test: $(BIN)/alb-proxy $(VENV)/.test-deps
 	$(BIN)/ruff check alb_proxy tests
