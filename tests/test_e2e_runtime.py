@@ -338,6 +338,9 @@ def test_refused_changes_leave_the_old_state_serving(env: tuple[Proxy, Api, Any]
     )
     assert status == 422 and "does not match" in body["error"]["message"]
     assert mismatched.key.splitlines()[1] not in json.dumps(body)
+    # the operator reading the log sees the refusal too, and no key material
+    assert "admin request refused method=POST path=/v1/certificates status=422" in proxy.log
+    assert mismatched.key.splitlines()[1] not in proxy.log
     status, body = api.call(
         "POST", "/v1/ca-certificates", {"name": "not a ca", "cert_pem": other.cert}
     )
@@ -347,6 +350,7 @@ def test_refused_changes_leave_the_old_state_serving(env: tuple[Proxy, Api, Any]
     status, body = api.call(
         "PUT", "/v1/listeners/web/default-certificate", {"certificate_id": "nope"}
     )
+    assert "path=/v1/listeners/web/default-certificate status=422" in proxy.log
     assert status == 422 and body["error"]["problems"] == [
         "listeners[web].certificates.default: unknown certificate 'nope'"
     ]

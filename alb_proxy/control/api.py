@@ -9,6 +9,7 @@ kept out: a request with an ``Origin`` header is refused (the API is for tools, 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import secrets
 from collections.abc import Awaitable, Callable
@@ -30,6 +31,7 @@ from alb_proxy.control.views import (
     server_group_view,
 )
 from alb_proxy.errors import AlbError, CertificateError, ConfigError
+from alb_proxy.observability.log import event
 from alb_proxy.observability.metrics import Metrics
 
 _CODES = {
@@ -148,6 +150,8 @@ class AdminApi:
             status, payload = exc.status, _error(exc.status, str(exc))
         except CertificateError as exc:
             status, payload = 422, _error(422, str(exc))
+        if status >= 400 and (request.method != "GET" or status in (401, 403)):
+            _log_refusal(request.method, path, payload["error"])
         body = json.dumps(payload, indent=1).encode() + b"\n"
         etag = (("ETag", f'"{self.plane.generation}"'),)
         return Response(status, body, headers=etag)
@@ -206,6 +210,22 @@ class AdminApi:
 
     def changed(self, **extra: Any) -> dict[str, Any]:
         return {"generation": self.plane.generation, **extra}
+
+
+def _log_refusal(method: str, path: str, error: dict[str, Any]) -> None:
+    """A refused change, or a caller turned away, in the daemon's log as well as in the answer
+    (the operator reading the log may not be the one who ran ``ctl``). It says exactly what the
+    answer says, which never holds key material."""
+    problems = {"problems": "; ".join(error["problems"])} if error["problems"] else {}
+    event(
+        logging.WARNING,
+        "admin request refused",
+        method=method,
+        path=path,
+        status=error["status"],
+        error=error["message"],
+        **problems,
+    )
 
 
 def _error(status: int, message: str, problems: list[str] | None = None) -> dict[str, Any]:
